@@ -12,14 +12,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from model.errors import ConfigError
+
 SUPPORTED_ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 SCORING_FUNCS = ("sigmoid", "softmax")
-
-
-class ConfigError(ValueError):
-    """A config.json that this runtime cannot serve; the message names the offending key."""
 
 
 @dataclass(frozen=True)

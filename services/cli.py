@@ -1,6 +1,6 @@
 """The `moe` command: one entry point whose subcommands live in their own modules.
 
-Each subcommand module exposes `add_arguments(parser)` and `run(args) -> int`; modules are
+Each subcommand module exposes `add_arguments(parser, command)` and `run(args) -> int`; modules are
 imported only when their subcommand runs, so `moe --help` stays fast.
 """
 
@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from model.errors import ModelError
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("services.commands.generate", "generate tokens, in process (--model) or from a cluster (--endpoint)"),
@@ -42,20 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     name = argv[0]
     module = importlib.import_module(SUBCOMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"moe {name}", description=SUBCOMMANDS[name][1])
-    module.add_arguments(parser, name) if _takes_name(module) else module.add_arguments(parser)
+    module.add_arguments(parser, name)
     args = parser.parse_args(argv[1:])
     args.command = name
     try:
         return int(module.run(args) or 0)
-    except CliError as err:
+    except (CliError, ModelError) as err:
         print(f"moe {name}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-
-
-def _takes_name(module) -> bool:
-    return module.add_arguments.__code__.co_argcount == 2
 
 
 if __name__ == "__main__":
