@@ -1,0 +1,82 @@
+"""Tiny random DeepSeek checkpoints written by `transformers` itself: the correctness oracle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+V3_TINY = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    n_group=4,
+    topk_group=2,
+    num_experts_per_tok=3,
+    first_k_dense_replace=1,
+    kv_lora_rank=32,
+    q_lora_rank=48,
+    qk_rope_head_dim=16,
+    qk_nope_head_dim=16,
+    v_head_dim=24,
+    routed_scaling_factor=2.5,
+    max_position_embeddings=256,
+    rope_parameters={
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+        "beta_fast": 32,
+        "beta_slow": 1,
+    },
+)
+
+V2_LITE_TINY = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=24,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    n_routed_experts=8,
+    n_shared_experts=2,
+    num_experts_per_tok=2,
+    first_k_dense_replace=1,
+    kv_lora_rank=32,
+    q_lora_rank=None,
+    qk_rope_head_dim=16,
+    qk_nope_head_dim=16,
+    v_head_dim=16,
+    topk_method="greedy",
+    norm_topk_prob=False,
+    routed_scaling_factor=1.0,
+    max_position_embeddings=256,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+)
+
+
+def make_checkpoint(path: Path, kind: str = "v3", seed: int = 0, shard_size: str | None = None, **overrides):
+    """Write a random `transformers` model to `path`; returns the HF model (fp32, eval mode)."""
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(seed)
+    if kind == "v3":
+        model = DeepseekV3ForCausalLM(DeepseekV3Config(**{**V3_TINY, **overrides}))
+        with torch.no_grad():  # a non-zero correction bias exercises biased selection
+            for layer in model.model.layers[V3_TINY["first_k_dense_replace"] :]:
+                layer.mlp.gate.e_score_correction_bias.normal_(0, 0.05)
+    else:
+        model = DeepseekV2ForCausalLM(DeepseekV2Config(**{**V2_LITE_TINY, **overrides}))
+    model.eval()
+    kwargs = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    return model
