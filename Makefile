@@ -1,0 +1,40 @@
+# Two entry points a new machine needs: `make run` (set up, then a demo cluster answers a request)
+# and `make test` (set up, then the whole suite). Everything else is a helper target.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+DEMO_MODEL ?= .cache/models/tiny-v3
+
+.PHONY: setup run test protos bench demo-model clean
+
+setup: $(STAMP)
+
+# torch first and pinned: pip takes the CPU wheel on this machine's disk; an open range would
+# pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+demo-model: setup
+	$(PY) -m services.commands.demo_model $(DEMO_MODEL)
+
+run: demo-model
+	$(PY) -m services.cli up --model $(DEMO_MODEL) --shards 2 --replicas 2 --attention-workers 2 --detach
+	$(PY) -m services.cli generate --endpoint 127.0.0.1:50050 --prompt-ids 1,2,3,4 --max-new-tokens 16 --ignore-eos; \
+	  status=$$?; $(PY) -m services.cli down; exit $$status
+
+test: setup
+	$(PY) -m pytest -q
+
+protos: setup
+	PY=$(PY) scripts/gen-protos.sh
+
+bench: setup
+	$(PY) benchmarks/decode_bench.py
+
+clean:
+	rm -rf $(VENV) .cache .run

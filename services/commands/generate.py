@@ -1,0 +1,99 @@
+"""`moe generate`: in process with --model, or through a running cluster with --endpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from services.cli import CliError
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--model", help="checkpoint directory (HF format) to run in this process")
+    where.add_argument("--endpoint", help="HOST:PORT of a cluster's gateway")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")
+    prompt.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer.json)")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop-ids", default=None, help="comma-separated stop token ids (default: the model's EOS)")
+    parser.add_argument("--ignore-eos", action="store_true", help="generate max-new-tokens whatever comes")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's torch_dtype")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (with --model)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds (with --endpoint)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _ids(text: str, flag: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise CliError(f"{flag} must be comma-separated integers, got {text!r}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.endpoint:
+        from services.client import generate_cli
+
+        return generate_cli(args)
+    return _run_local(args)
+
+
+def _run_local(args: argparse.Namespace) -> int:
+    import torch
+
+    from model.checkpoint import load_model
+    from model.generate import Engine, GenerationRequest, SamplingParams
+    from model.tokenizer import TextCodec, require_codec
+
+    codec = require_codec(args.model) if args.prompt is not None else TextCodec.for_model(args.model)
+    prompt = codec.encode(args.prompt) if args.prompt is not None else _ids(args.prompt_ids, "--prompt-ids")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CliError("--device cuda was asked for but no CUDA device is available")
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    stops = () if args.ignore_eos else model.cfg.eos_token_ids
+    if args.stop_ids is not None:
+        stops = tuple(_ids(args.stop_ids, "--stop-ids"))
+    request = GenerationRequest(
+        prompt=tuple(prompt),
+        max_new_tokens=args.max_new_tokens,
+        sampling=SamplingParams(args.temperature, args.top_p, args.top_k, args.seed),
+        stop_token_ids=stops,
+    )
+    engine = Engine(model, cache_tokens=max(1024, len(prompt) + args.max_new_tokens + 16), max_batch=1)
+    started = time.monotonic()
+    (seq,) = engine.generate([request])
+    result = {
+        "tokens": seq.tokens,
+        "logprobs": seq.logprobs,
+        "finish_reason": seq.finish_reason,
+        "usage": {
+            "prompt_tokens": len(prompt),
+            "generated_tokens": len(seq.tokens),
+            "time_to_first_token_ms": round((seq.first_token_at - started) * 1000, 3),
+        },
+    }
+    if codec is not None:
+        result["text"] = codec.decode(seq.tokens)
+    print_result(result, args.json)
+    return 0
+
+
+def print_result(result: dict, as_json: bool) -> None:
+    if as_json:
+        json.dump(result, sys.stdout)
+        sys.stdout.write("\n")
+        return
+    print(result.get("text") if "text" in result else " ".join(map(str, result["tokens"])))
+    usage = result["usage"]
+    print(
+        f"[{usage['generated_tokens']} tokens, finish: {result['finish_reason']}, "
+        f"first token after {usage['time_to_first_token_ms']:.1f} ms]",
+        file=sys.stderr,
+    )

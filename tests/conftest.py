@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny checkpoints written by `transformers`, built once per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+from checkpoints import make_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def v3_checkpoint(tmp_path_factory):
+    """(directory, HF model): V3-style (sigmoid, groups, YaRN), sharded into several files."""
+    path = tmp_path_factory.mktemp("v3-sharded")
+    return path, make_checkpoint(path, "v3", seed=0, shard_size="150KB")
+
+
+@pytest.fixture(scope="session")
+def v2_checkpoint(tmp_path_factory):
+    """(directory, HF model): V2-Lite-style (q_lora_rank null, softmax, greedy), one file."""
+    path = tmp_path_factory.mktemp("v2-single")
+    return path, make_checkpoint(path, "v2", seed=1)

@@ -1,0 +1,114 @@
+"""Our model against transformers' DeepseekV3/V2ForCausalLM on the same checkpoint (fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.checkpoint import load_model
+from model.generate import Engine, GenerationRequest
+
+TOLERANCE = 1e-4
+
+
+def hf_greedy(hf_model, prompt: list[int], steps: int) -> list[int]:
+    out = hf_model.generate(
+        torch.tensor([prompt]), max_new_tokens=steps, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.fixture(params=["v3", "v2"])
+def checkpoint(request, v3_checkpoint, v2_checkpoint):
+    return v3_checkpoint if request.param == "v3" else v2_checkpoint
+
+
+def test_prefill_logits_match_transformers(checkpoint):
+    path, hf = checkpoint
+    model = load_model(path)
+    prompt = torch.randint(0, model.cfg.vocab_size, (20,), generator=torch.Generator().manual_seed(3))
+    cache = model.new_cache(64)
+    cache.allocate("s", 20)
+    ours = model.prefill(prompt, cache, "s", all_logits=True)
+    with torch.no_grad():
+        ref = hf(prompt[None]).logits[0]
+    assert (ours - ref).abs().max().item() <= TOLERANCE
+
+
+def test_every_decode_step_through_latent_cache_matches_transformers(checkpoint):
+    path, hf = checkpoint
+    model = load_model(path)
+    tokens = [5, 17, 2, 99, 42]
+    cache = model.new_cache(128)
+    cache.allocate("s", 64)
+    logits = model.prefill(torch.tensor(tokens), cache, "s")[-1]
+    for _ in range(12):
+        tokens.append(int(logits.argmax()))
+        logits = model.decode(torch.tensor(tokens[-1:]), cache, ["s"], [len(tokens) - 1])[0]
+        with torch.no_grad():
+            ref = hf(torch.tensor([tokens])).logits[0, -1]
+        assert (logits - ref).abs().max().item() <= TOLERANCE
+
+
+def test_absorbed_path_agrees_with_naive_path(v3_checkpoint):
+    path, _ = v3_checkpoint
+    model = load_model(path)
+    prompt = torch.arange(30) * 7 % model.cfg.vocab_size
+    cache = model.new_cache(128)
+    cache.allocate("naive", 30)
+    cache.allocate("absorbed", 30)
+    naive = model.prefill(prompt, cache, "naive", all_logits=True)
+    absorbed = model.extend(prompt, cache, "absorbed", 0, all_logits=True)
+    assert (naive - absorbed).abs().max().item() <= 1e-5
+    # both paths leave the same latents in the cache
+    a, b = cache.slots("naive", 0, 30), cache.slots("absorbed", 0, 30)
+    assert torch.allclose(cache.pool[:, a], cache.pool[:, b], atol=1e-6)
+
+
+def test_chunked_prefill_continues_a_sequence(v3_checkpoint):
+    path, hf = v3_checkpoint
+    model = load_model(path)
+    prompt = torch.arange(24) * 5 % model.cfg.vocab_size
+    cache = model.new_cache(64)
+    cache.allocate("s", 24)
+    model.prefill(prompt[:10], cache, "s")
+    tail = model.extend(prompt[10:], cache, "s", 10, all_logits=True)
+    with torch.no_grad():
+        ref = hf(prompt[None]).logits[0, 10:]
+    assert (tail - ref).abs().max().item() <= TOLERANCE
+
+
+def test_greedy_tokens_match_transformers_over_32_steps(checkpoint):
+    path, hf = checkpoint
+    model = load_model(path)
+    prompts = [[1, 2, 3], [7, 8, 9, 10, 11, 12], [40]]
+    engine = Engine(model, cache_tokens=512, max_batch=4)
+    seqs = engine.generate([GenerationRequest(tuple(p), 32) for p in prompts])
+    for prompt, seq in zip(prompts, seqs):
+        assert seq.tokens == hf_greedy(hf, prompt, 32)
+        assert seq.finish_reason == "length"
+
+
+def test_batched_decode_equals_one_at_a_time(v3_checkpoint):
+    path, _ = v3_checkpoint
+    model = load_model(path)
+    prompts = [(3, 4, 5), (9,), (11, 12, 13, 14, 15, 16, 17)]
+    together = Engine(model, 512, max_batch=8).generate([GenerationRequest(p, 10) for p in prompts])
+    for prompt, seq in zip(prompts, together):
+        (alone,) = Engine(model, 512, max_batch=1).generate([GenerationRequest(prompt, 10)])
+        assert alone.tokens == seq.tokens
+        assert max(abs(a - b) for a, b in zip(alone.logprobs, seq.logprobs)) <= 1e-5
+
+
+def test_bf16_model_runs_close_to_fp32(v3_checkpoint):
+    path, _ = v3_checkpoint
+    fp32, bf16 = load_model(path), load_model(path, dtype="bfloat16")
+    prompt = torch.arange(16) % fp32.cfg.vocab_size
+    results = []
+    for model in (fp32, bf16):
+        cache = model.new_cache(32)
+        cache.allocate("s", 16)
+        results.append(model.prefill(prompt, cache, "s", all_logits=True))
+    assert bf16.embed.weight.dtype == torch.bfloat16
+    # bf16 keeps 8 mantissa bits; logits here are O(1): 0.1 is a loose but meaningful bound
+    assert (results[0] - results[1]).abs().max().item() < 0.1
