@@ -1,0 +1,89 @@
+"""`python -m services.attention --model DIR`: an MLA attention worker.
+
+Holds embeddings, attention, dense layers, gates and shared experts; routed experts are served
+by expert shards found through the routing plan the router publishes in Redis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from model.config import ModelConfig
+from model.errors import ModelError
+from moe.v1 import inference_pb2, inference_pb2_grpc
+from services.attention.servicer import InferenceServicer
+from services.attention.worker import AttentionWorker, PlanWatcher
+from services.common import redis_store, settings
+from services.common.logging import configure_logging, event, get_logger
+from services.common.redis_store import Keys, ReplicaRecord
+from services.common.server import Service
+from services.transport.base import DISPATCH_DTYPES, TRANSPORTS, make_transport
+
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+log = get_logger("attention")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m services.attention", description="MLA attention worker")
+    settings.add_common_arguments(parser, default_port=settings.DEFAULT_PORTS["attention"])
+    settings.add_model_arguments(parser, weights=True)
+    settings.add_plane_argument(parser)
+    settings.add_replica_id_argument(parser)
+    parser.add_argument("--transport", choices=TRANSPORTS, default=settings.env("MOE_TRANSPORT", "grpc"),
+                        help="expert data path [MOE_TRANSPORT, grpc]")
+    parser.add_argument("--dispatch-dtype", choices=DISPATCH_DTYPES, default=settings.env("MOE_DISPATCH_DTYPE"),
+                        help="hidden states on the wire [MOE_DISPATCH_DTYPE, fp32 for fp32 models, else bf16]")
+    parser.add_argument("--max-batch", type=int, default=int(settings.env("MOE_MAX_BATCH", "64")),
+                        help="sequences decoded together [MOE_MAX_BATCH, 64]")
+    parser.add_argument("--kv-cache-tokens", type=int, default=int(settings.env("MOE_KV_CACHE_TOKENS", "65536")),
+                        help="latent KV-cache pool size in tokens [MOE_KV_CACHE_TOKENS, 65536]")
+    parser.add_argument("--dispatch-timeout", type=float, default=10.0, help="seconds to wait on one expert batch")
+    parser.add_argument("--grace", type=float, default=10.0, help="shutdown grace period, seconds")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging("attention", args.log_level)
+    if args.max_batch < 1 or args.kv_cache_tokens < 16:
+        print("attention: --max-batch must be >= 1 and --kv-cache-tokens >= 16", file=sys.stderr)
+        return 2
+    try:
+        dtype = args.dtype or ModelConfig.from_model_dir(args.model).torch_dtype
+        dispatch_dtype = args.dispatch_dtype or ("fp32" if dtype == "float32" else "bf16")
+        transport = make_transport(args.transport, dispatch_dtype)
+        worker = AttentionWorker(
+            args.model, transport, plane=args.plane, dtype=args.dtype, device=args.device,
+            cache_tokens=args.kv_cache_tokens, max_batch=args.max_batch, dispatch_timeout_s=args.dispatch_timeout,
+        )
+    except (ModelError, RuntimeError, ValueError) as err:
+        print(f"attention: {err}", file=sys.stderr)
+        return 2
+    client = redis_store.connect(args.redis_url, settings.redis_password())
+    keys = Keys(args.cluster)
+    watcher = PlanWatcher(client, keys, worker.plans).start()
+    worker.scheduler.start()
+
+    replica_id = args.replica_id or settings.default_replica_id()
+    service = Service("attention", args, [SERVICE_NAME], max_workers=max(32, 2 * args.max_batch), grace_s=args.grace)
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(worker, replica_id, args.plane), service.server)
+    port = service.start()
+    host = settings.advertise_host(args)
+    registry = redis_store.Registry(client, keys, ReplicaRecord(
+        kind="attention", id=replica_id, endpoints={"grpc": f"{host}:{port}"}, plane=args.plane,
+        capacity=args.max_batch)).start()
+    event(log, "attention worker ready", replica=replica_id, transport=args.transport, dispatch_dtype=dispatch_dtype,
+          kv_cache_tokens=worker.engine.cache.capacity_tokens, plan_version=watcher.version, pid=os.getpid())
+    if watcher.version == 0:
+        event(log, "no routing plan in Redis yet; MoE layers wait for the router", level=logging.WARNING)
+    service.on_shutdown(registry.deregister)
+    service.on_shutdown(lambda: worker.stop(args.grace))
+    service.on_shutdown(watcher.stop)
+    return service.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

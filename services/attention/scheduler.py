@@ -1,0 +1,200 @@
+"""Continuous batching for an attention worker: one thread owns the engine and steps it.
+
+gRPC handler threads `submit` requests and read their events from a per-request queue; the
+step thread admits new requests between steps, applies cancellations and deadlines, runs one
+engine step, and fans the token events out. A step that fails (no live replica for an expert)
+fails exactly the sequences that were in it; waiting requests are untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from model.errors import ModelError
+from model.generate import Engine, GenerationRequest, Sequence, TokenEvent
+from model.kv_cache import CacheFull
+from services.common.errors import DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
+from services.common.logging import event, get_logger
+
+log = get_logger("attention.scheduler")
+
+REQUESTS = Counter("moe_attention_requests_total", "Generate requests by outcome", ["outcome"])
+TOKENS = Counter("moe_attention_generated_tokens_total", "Tokens generated")
+TTFT = Histogram("moe_attention_time_to_first_token_seconds", "Submission to first token",
+                 buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+TOKEN_LATENCY = Histogram("moe_attention_token_latency_seconds", "Time between consecutive tokens of a request",
+                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5))
+STEP_SECONDS = Histogram("moe_attention_step_seconds", "Engine step time split by phase", ["phase"])
+KV_USED = Gauge("moe_attention_kv_cache_used_tokens", "Latent KV-cache tokens reserved by sequences")
+KV_TOTAL = Gauge("moe_attention_kv_cache_capacity_tokens", "Latent KV-cache capacity in tokens")
+ACTIVE = Gauge("moe_attention_active_sequences", "Sequences decoding now")
+QUEUED = Gauge("moe_attention_queued_sequences", "Sequences waiting for admission")
+
+
+@dataclass
+class RequestHandle:
+    request: GenerationRequest
+    deadline: float | None  # time.monotonic() value, None for no deadline
+    events: queue.Queue = field(default_factory=queue.Queue)
+    seq: Sequence | None = None
+    last_token_at: float | None = None
+    cancelled: bool = False
+
+    def stream(self):
+        """Yield ("token", TokenEvent) ... then ("final", Sequence) or raise the request's error."""
+        while True:
+            kind, payload = self.events.get()
+            if kind == "error":
+                raise payload
+            yield kind, payload
+            if kind == "final":
+                return
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, step_wait_seconds=lambda: 0.0):
+        self.engine = engine
+        self._step_wait_seconds = step_wait_seconds
+        self._incoming: list[RequestHandle] = []
+        self._cancelled: list[RequestHandle] = []
+        self._by_seq: dict[int, RequestHandle] = {}
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+        KV_TOTAL.set(engine.cache.capacity_tokens)
+
+    def start(self) -> "Scheduler":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop after the sequences in flight finish (or `timeout`); fail what is left."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and (self._by_seq or self._incoming):
+            time.sleep(0.05)
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=5.0)
+        for handle in list(self._by_seq.values()) + self._incoming:
+            handle.events.put(("error", Unavailable("worker is shutting down")))
+
+    # ---- called from gRPC threads ----------------------------------------------------------
+    def submit(self, request: GenerationRequest, deadline: float | None) -> RequestHandle:
+        request.validate(self.engine.cfg)  # bad input fails here, before touching the engine
+        need = self.engine.budget(request)
+        if need > self.engine.cache.capacity_tokens:
+            REQUESTS.labels("resource_exhausted").inc()
+            raise ResourceExhausted(
+                f"request needs {need} KV-cache tokens; this worker holds {self.engine.cache.capacity_tokens}"
+            )
+        handle = RequestHandle(request, deadline)
+        with self._wake:
+            if self._stopping:
+                raise Unavailable("worker is shutting down")
+            self._incoming.append(handle)
+            self._wake.notify()
+        return handle
+
+    def cancel(self, handle: RequestHandle) -> None:
+        with self._wake:
+            if not handle.cancelled:
+                handle.cancelled = True
+                self._cancelled.append(handle)
+                self._wake.notify()
+
+    def load(self) -> dict:
+        return {
+            "active": len(self.engine.running),
+            "queued": len(self.engine.waiting) + len(self._incoming),
+            "kv_used": self.engine.cache.used_tokens,
+            "kv_total": self.engine.cache.capacity_tokens,
+        }
+
+    # ---- the step thread -------------------------------------------------------------------
+    def _finish(self, handle: RequestHandle, error: ServiceError | None, outcome: str) -> None:
+        if handle.seq is not None:
+            self.engine.cancel(handle.seq)  # frees its cache blocks now (no-op when finished)
+            self._by_seq.pop(handle.seq.id, None)
+        handle.events.put(("error", error) if error else ("final", handle.seq))
+        REQUESTS.labels(outcome).inc()
+
+    def _intake(self) -> None:
+        with self._wake:
+            while not (self._incoming or self._cancelled or self._stopping or not self.engine.idle):
+                self._wake.wait(timeout=0.5)
+            incoming, self._incoming = self._incoming, []
+            cancelled, self._cancelled = self._cancelled, []
+        for handle in incoming:
+            try:
+                handle.seq = self.engine.add(handle.request)
+            except (ModelError, CacheFull) as err:
+                handle.events.put(("error", err if isinstance(err, ModelError) else ResourceExhausted(str(err))))
+                continue
+            self._by_seq[handle.seq.id] = handle
+        for handle in cancelled:
+            if handle.seq is not None and handle.seq.id in self._by_seq:
+                self._finish(handle, None, "cancelled")
+        now = time.monotonic()
+        for handle in [h for h in self._by_seq.values() if h.deadline is not None and now > h.deadline]:
+            event(log, "deadline passed, sequence dropped", request_id=handle.request.request_id)
+            self._finish(handle, DeadlineExceeded("deadline passed before generation finished"), "deadline")
+
+    def _deliver(self, events: list[TokenEvent]) -> None:
+        now = time.monotonic()
+        for ev in events:
+            handle = self._by_seq.get(ev.seq.id)
+            if handle is None:
+                continue
+            if handle.last_token_at is None:
+                TTFT.observe(now - ev.seq.submitted_at)
+            else:
+                TOKEN_LATENCY.observe(now - handle.last_token_at)
+            handle.last_token_at = now
+            TOKENS.inc()
+            handle.events.put(("token", ev))
+            if ev.finish_reason is not None:
+                self._by_seq.pop(ev.seq.id, None)
+                handle.events.put(("final", ev.seq))
+                REQUESTS.labels("ok").inc()
+
+    def _fail_in_flight(self, error: ServiceError, outcome: str) -> None:
+        """Fail every admitted sequence (the step they were in broke); waiting ones stay queued."""
+        waiting = {s.id for s in self.engine.waiting}
+        for handle in [h for h in self._by_seq.values() if h.seq.id not in waiting]:
+            self._finish(handle, error, outcome)
+
+    def _loop(self) -> None:
+        while True:
+            self._intake()
+            if self._stopping:
+                return
+            if self.engine.idle:
+                continue
+            wait_before = self._step_wait_seconds()
+            started = time.perf_counter()
+            try:
+                events = self.engine.step()
+            except ServiceError as err:
+                event(log, "step failed", level=logging.WARNING, error=str(err))
+                self._fail_in_flight(err, "unavailable")
+                continue
+            except Exception as err:  # noqa: BLE001 - a bug must not take the worker down silently
+                log.exception("step crashed")
+                self._fail_in_flight(Unavailable(f"worker step failed: {err}"), "internal")
+                continue
+            elapsed = time.perf_counter() - started
+            waited = self._step_wait_seconds() - wait_before
+            STEP_SECONDS.labels("total").observe(elapsed)
+            STEP_SECONDS.labels("dispatch_wait").observe(waited)
+            STEP_SECONDS.labels("local_compute").observe(max(elapsed - waited, 0.0))
+            self._deliver(events)
+            KV_USED.set(self.engine.cache.used_tokens)
+            ACTIVE.set(len(self.engine.running))
+            QUEUED.set(len(self.engine.waiting))

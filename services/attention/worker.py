@@ -1,0 +1,81 @@
+"""An attention worker: the non-expert weights, a latent KV-cache pool, continuous batching,
+and routed experts served by remote shards through the routing plan."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import redis
+
+from model.checkpoint import load_model
+from model.generate import Engine
+from model.moe import MoE
+from model.tokenizer import TextCodec
+from services.attention.dispatch import Dispatcher, PlanHolder, RemoteExperts
+from services.attention.scheduler import Scheduler
+from services.common.logging import event, get_logger
+from services.common.plan import Plan
+from services.common.redis_store import Keys, read_plan
+from services.transport.base import Transport
+
+log = get_logger("attention.worker")
+
+
+class PlanWatcher:
+    """Polls Redis for a new plan version; when Redis is away the last plan stays in use."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, holder: PlanHolder, interval_s: float = 0.5):
+        self.client, self.keys, self.holder, self.interval_s = client, keys, holder, interval_s
+        self.version = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="plan-watch", daemon=True)
+        self._outage = False
+
+    def poll(self) -> None:
+        try:
+            found = read_plan(self.client, self.keys)
+        except redis.RedisError as err:
+            if not self._outage:
+                event(log, "redis unreachable, serving on the last plan", level=logging.WARNING,
+                      version=self.version, error=str(err))
+            self._outage = True
+            return
+        if self._outage:
+            event(log, "redis reachable again", version=self.version)
+            self._outage = False
+        if found is not None and found[0] != self.version:
+            self.holder.set(Plan.from_json(found[1]))
+            self.version = found[0]
+            event(log, "plan updated", version=self.version)
+
+    def start(self) -> "PlanWatcher":
+        self.poll()
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.poll()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class AttentionWorker:
+    def __init__(self, model_dir: str, transport: Transport, *, plane: int, dtype: str | None, device: str,
+                 cache_tokens: int, max_batch: int, dispatch_timeout_s: float = 10.0):
+        self.model = load_model(model_dir, dtype=dtype, device=device, with_routed_experts=False)
+        self.cfg = self.model.cfg
+        self.codec = TextCodec.for_model(model_dir)
+        self.plans = PlanHolder(plane)
+        self.dispatcher = Dispatcher(transport, self.plans, timeout_s=dispatch_timeout_s)
+        for block in self.model.layers:
+            if isinstance(block.ffn, MoE):
+                block.ffn.experts = RemoteExperts(block.layer, self.dispatcher)
+        self.engine = Engine(self.model, cache_tokens=cache_tokens, max_batch=max_batch)
+        self.scheduler = Scheduler(self.engine, step_wait_seconds=lambda: self.dispatcher.wait_seconds)
+
+    def stop(self, grace_s: float) -> None:
+        self.scheduler.stop(grace_s)
+        self.dispatcher.close()
