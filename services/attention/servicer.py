@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 
 from model.generate import GenerationRequest, SamplingParams
 from moe.v1 import inference_pb2, inference_pb2_grpc
@@ -41,7 +42,7 @@ def to_request(msg: inference_pb2.GenerateRequest, worker: AttentionWorker) -> G
             seed=sampling.seed if sampling.HasField("seed") else None,
         ),
         stop_token_ids=stops,
-        request_id=msg.request_id,
+        request_id=msg.request_id or uuid.uuid4().hex,
     )
 
 

@@ -1,0 +1,1 @@
+"""Generated protobuf packages of moe-runtime (see protos/moe/v1/*.proto)."""

@@ -1,0 +1,1 @@
+"""Gating router: registry of live expert replicas -> versioned placement plan (control plane)."""

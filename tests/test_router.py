@@ -1,0 +1,249 @@
+"""Gating router: placement (pure) and the router process over real Redis and gRPC."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from moe.v1 import router_pb2, router_pb2_grpc
+from services.common import healthcheck, redis_store
+from services.common.plan import Plan
+from services.common.ports import free_port
+from services.common.redis_server import RedisServer
+from services.common.redis_store import DRAINING, ReplicaRecord
+from services.router import placement
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYERS = [1, 2]
+N = 8
+
+
+def rec(rid, experts, plane=0, kind="expert", state="serving", capacity=1, shard=""):
+    return ReplicaRecord(kind=kind, id=rid, endpoints={"grpc": f"{rid}:50053", "ucx": f"{rid}:50054"},
+                         plane=plane, experts=list(experts), state=state, capacity=capacity,
+                         shard=shard or f"shard-{min(experts)}-{max(experts)}" if experts else "")
+
+
+def build(records, **kw):
+    return placement.build_plan(records, moe_layers=LAYERS, n_routed_experts=N, **kw)
+
+
+def ids(plan: Plan, layer: int, expert: int) -> list[str]:
+    return [r.id for r in plan.replicas_for(layer, expert)]
+
+
+# ---- placement ----------------------------------------------------------------------------
+
+def test_every_moe_layer_and_expert_maps_to_the_replicas_holding_it():
+    plan = build([rec("a", range(4)), rec("b", range(4, 8))])
+    assert sorted(plan.layers) == LAYERS and plan.missing == []
+    assert all(ids(plan, layer, e) == (["a"] if e < 4 else ["b"]) for layer in LAYERS for e in range(N))
+    assert (plan.replicas["b"].grpc, plan.replicas["b"].ucx) == ("b:50053", "b:50054")
+
+
+def test_experts_without_live_replica_are_listed_missing():
+    plan = build([rec("a", [0, 1, 2, 3, 4, 5])])
+    assert plan.missing == [(1, 6), (1, 7), (2, 6), (2, 7)]
+    assert ids(plan, 1, 6) == [] and plan.missing_among({(1, 0), (2, 7)}) == [(2, 7)]
+
+
+def test_drained_and_draining_replicas_are_excluded():
+    records = [rec("a", range(8)), rec("b", range(8)), rec("c", range(8), state=DRAINING)]
+    plan = build(records, drained={"b"})
+    assert ids(plan, 1, 0) == ["a"] and set(plan.replicas) == {"a"}
+    assert build(records, drained={"a", "b"}).missing == [(layer, e) for layer in LAYERS for e in range(N)]
+
+
+def test_callers_plane_comes_first_then_other_planes():
+    records = [rec("p0", range(8), plane=0), rec("p1", range(8), plane=1), rec("p2", range(8), plane=2)]
+    plan = build(records)
+    assert ids(plan, 1, 3) == ["p0", "p1", "p2"]
+    assert ids(plan.ordered_for_plane(2), 1, 3) == ["p2", "p0", "p1"]
+    wire = plan.to_proto(caller_plane=1)
+    assert list(wire.layers[0].experts[3].replica_ids) == ["p1", "p0", "p2"]
+
+
+def test_redundant_replicas_of_hot_experts_are_all_listed_least_loaded_first():
+    records = [rec("a", [0, 1]), rec("b", [0]), rec("c", [0], capacity=4), rec("d", range(2, 8))]
+    tokens = {(1, 0): 300, (1, 1): 600}
+    load = placement.replica_load(records, tokens)
+    assert load == {"a": 700, "b": 100, "c": 25, "d": 0}
+    plan = build(records, load=load)
+    assert ids(plan, 1, 0) == ["c", "b", "a"] and ids(plan, 2, 1) == ["a"]
+
+
+def test_version_bumps_only_when_routing_changes():
+    records = [rec("a", range(8))]
+    first = build(records, now_ms=1)
+    assert first.version == 1
+    assert build(list(records), previous=first, now_ms=2) is first
+    second = build(records + [rec("b", [3])], previous=first, now_ms=3)
+    assert second.version == 2 and ids(second, 2, 3) == ["a", "b"]
+    moved = [rec("a", range(8))]
+    moved[0].endpoints = {"grpc": "elsewhere:1"}
+    assert build(moved, previous=first).version == 2  # same id on a new address is a change
+
+
+def test_non_expert_kinds_and_out_of_range_experts_are_ignored():
+    plan = build([rec("w", [], kind="attention"), rec("a", [0, 99])])
+    assert set(plan.replicas) == {"a"} and ids(plan, 1, 0) == ["a"]
+    assert len(plan.missing) == 2 * (N - 1)
+
+
+def test_shards_group_replicas_by_name():
+    groups = placement.shards([rec("a", range(4), shard="s0"), rec("b", range(4), shard="s0"),
+                               rec("c", range(4, 8), shard="s1"), rec("w", [], kind="attention")])
+    assert [(s.name, s.experts, s.replica_ids) for s in groups] == [
+        ("s0", [0, 1, 2, 3], ["a", "b"]), ("s1", [4, 5, 6, 7], ["c"])]
+
+
+# ---- router process ---------------------------------------------------------------------
+
+TINY_CONFIG = dict(
+    architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", vocab_size=320, hidden_size=64,
+    intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+    n_routed_experts=8, n_shared_experts=1, n_group=4, topk_group=2, num_experts_per_tok=3,
+    first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=16, qk_nope_head_dim=16,
+    v_head_dim=24, max_position_embeddings=256, rope_theta=10000.0,
+)
+
+
+def wait_until(predicate, timeout: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("tiny-config")
+    (model_dir / "config.json").write_text(json.dumps(TINY_CONFIG))
+    log_path = model_dir / "router.log"
+    with RedisServer() as redis_server:
+        port = free_port()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "MOE_REDIS_URL": redis_server.url}
+        cmd = [sys.executable, "-m", "services.router", "--model", str(model_dir), "--host", "127.0.0.1",
+               "--port", str(port), "--metrics-port", "0", "--cluster", "rt", "--poll-interval", "0.1",
+               "--grace", "1"]
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            def up():
+                if proc.poll() is not None:
+                    raise AssertionError(f"router exited {proc.returncode}: {log_path.read_text()}")
+                return healthcheck.check("127.0.0.1", port, "moe.v1.Router", timeout=0.5)[0]
+            wait_until(up, what="router SERVING")
+            client = redis_store.connect(redis_server.url)
+            channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+            yield dict(proc=proc, port=port, client=client, keys=redis_store.Keys("rt"),
+                       stub=router_pb2_grpc.RouterStub(channel), log=log_path)
+            channel.close()
+            client.close()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+
+
+def register(cluster, record) -> redis_store.Registry:
+    return redis_store.Registry(cluster["client"], cluster["keys"], record, ttl_s=3, interval_s=0.2).start()
+
+
+def test_router_process_serves_plans_drains_and_reports_status(cluster):
+    stub, client, keys = cluster["stub"], cluster["client"], cluster["keys"]
+    empty = stub.GetPlan(router_pb2.GetPlanRequest(), timeout=5)
+    assert empty.n_routed_experts == 8 and [lp.layer for lp in empty.layers] == [1, 2]
+    assert len(empty.missing) == 16
+
+    registries = [register(cluster, rec("e-low", range(4), plane=0, shard="lo")),
+                  register(cluster, rec("e-high-p1", range(4, 8), plane=1, shard="hi")),
+                  register(cluster, rec("e-high-p0", range(4, 8), plane=0, shard="hi"))]
+    try:
+        full = wait_until(lambda: (p := stub.GetPlan(router_pb2.GetPlanRequest(), timeout=5)).replicas
+                          and len(p.replicas) == 3 and p, what="plan with 3 replicas")
+        assert list(full.missing) == [] and full.version > empty.version
+        stored_version, payload = redis_store.read_plan(client, keys)
+        assert stored_version == full.version and Plan.from_json(payload) == Plan.from_proto(full)
+        p1 = stub.GetPlan(router_pb2.GetPlanRequest(caller_plane=1), timeout=5)
+        assert list(p1.layers[1].experts[5].replica_ids) == ["e-high-p1", "e-high-p0"]
+        assert list(p1.layers[0].experts[2].replica_ids) == ["e-low"]
+        assert p1.replicas["e-high-p1"].endpoints.ucx == "e-high-p1:50054"
+
+        # WatchPlan: current plan first, then the version the drain publishes.
+        watch = stub.WatchPlan(router_pb2.WatchPlanRequest(caller_plane=0), timeout=20)
+        seen: list[router_pb2.Plan] = []
+        def read():
+            try:
+                for plan in watch:
+                    seen.append(plan)
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.CANCELLED
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        wait_until(lambda: seen, what="first watched plan")
+        assert seen[0].version == full.version
+
+        drained = stub.DrainReplica(router_pb2.DrainRequest(replica_id="e-low"), timeout=5)
+        assert drained.plan_version == full.version + 1
+        assert [(m.layer, m.expert) for m in drained.missing] == [(l, e) for l in (1, 2) for e in range(4)]
+        wait_until(lambda: len(seen) >= 2, what="watched drain version")
+        assert seen[1].version == drained.plan_version and "e-low" not in seen[1].replicas
+        record = json.loads(client.get(keys.replica("expert", "e-low")))
+        assert record["state"] == DRAINING
+
+        # The drained replica keeps heart-beating but is not re-added.
+        time.sleep(0.5)  # several router polls and heartbeats
+        assert stub.GetPlan(router_pb2.GetPlanRequest(), timeout=5).version == drained.plan_version
+
+        with pytest.raises(grpc.RpcError) as info:
+            stub.DrainReplica(router_pb2.DrainRequest(replica_id="nope"), timeout=5)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in info.value.details()
+
+        # Load of the last complete window shows up in ClusterStatus.
+        recorder = redis_store.LoadRecorder(client, keys)
+        recorder.add(1, {5: 40, 6: 2}, now=time.time() - 10)
+        assert recorder.flush()
+        status = stub.ClusterStatus(router_pb2.ClusterStatusRequest(), timeout=5)
+        assert status.plan_version == drained.plan_version
+        assert [(s.name, list(s.experts), list(s.replica_ids)) for s in status.shards] == [
+            ("hi", [4, 5, 6, 7], ["e-high-p0", "e-high-p1"]), ("lo", [0, 1, 2, 3], ["e-low"])]
+        kinds = {r.id: (r.kind, r.state) for r in status.replicas}
+        assert kinds["e-low"] == ("expert", DRAINING) and kinds["e-high-p0"] == ("expert", "serving")
+        assert any(kind == "router" for kind, _ in kinds.values())
+        assert {(l.layer, l.expert): l.tokens for l in status.expert_load} == {(1, 5): 40, (1, 6): 2}
+        assert len(status.missing) == 8
+
+        # A replica that dies (deregisters) leaves the plan.
+        registries[2].deregister()
+        dead = wait_until(lambda: "e-high-p0" not in (p := stub.GetPlan(router_pb2.GetPlanRequest(),
+                                                                          timeout=5)).replicas and p,
+                          what="dead replica removed")
+        assert list(dead.layers[0].experts[7].replica_ids) == ["e-high-p1"]
+        watch.cancel()
+        reader.join(5)
+    finally:
+        for registry in registries:
+            registry.deregister()
+
+
+def test_router_exits_zero_on_sigterm_and_deregisters(cluster):
+    proc, client, keys = cluster["proc"], cluster["client"], cluster["keys"]
+    assert redis_store.list_replicas(client, keys, "router")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0, cluster["log"].read_text()
+    assert redis_store.list_replicas(client, keys, "router") == []
+    assert "signal received, draining" in cluster["log"].read_text()
