@@ -1,0 +1,1 @@
+"""Autoscaler: per-expert-shard replica decisions from Redis load (docs/autoscaling.md)."""

@@ -1,0 +1,285 @@
+"""Actuators: turn "shard S wants N replicas" into replicas.
+
+    KubernetesActuator  GET/PATCH the apps/v1 Deployment `scale` subresource (stdlib only)
+    LocalActuator       start/stop `python -m services.expert` processes on this machine
+
+Both implement `current(spec, live) -> int | None` (None: unknown this interval, already logged)
+and `scale(spec, replicas) -> bool`, and never raise out of either: an error is logged once per
+shard and kind, counted in moe_autoscaler_actuation_errors_total, and retried next interval.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from prometheus_client import Counter
+
+from services.autoscaler.policy import ShardSpec, format_ids
+from services.common.logging import event, get_logger
+from services.common.redis_store import ReplicaRecord
+
+log = get_logger("autoscaler")
+
+ACTUATION_ERRORS = Counter("moe_autoscaler_actuation_errors_total",
+                           "Failed actuator calls (reading or changing replicas)", ["shard", "kind"])
+
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+MERGE_PATCH = "application/merge-patch+json"
+
+
+class _ErrorLog:
+    """Log each (shard, kind) error once until that shard succeeds again."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, set[str]] = {}
+
+    def failed(self, shard: str, kind: str, message: str, **fields: object) -> None:
+        ACTUATION_ERRORS.labels(shard=shard, kind=kind).inc()
+        seen = self._seen.setdefault(shard, set())
+        if kind not in seen:
+            seen.add(kind)
+            event(log, message, level=logging.WARNING, shard=shard, error_kind=kind,
+                  retry="next interval", **fields)
+
+    def ok(self, shard: str) -> None:
+        if self._seen.pop(shard, None):
+            event(log, "actuator recovered", shard=shard)
+
+
+# ---- Kubernetes --------------------------------------------------------------------------
+
+class KubernetesActuator:
+    """Reads and patches `/apis/apps/v1/namespaces/{ns}/deployments/{name}/scale`.
+
+    Needs only get and patch on deployments/scale in its namespace. The service-account token is
+    re-read on every request (the kubelet rotates bound tokens in place)."""
+
+    def __init__(self, api_url: str, namespace: str, *, token_path: str | Path | None = None,
+                 ca_path: str | Path | None = None, timeout_s: float = 5.0) -> None:
+        if not namespace:
+            raise ValueError("Kubernetes namespace is empty (set --namespace / MOE_NAMESPACE)")
+        self.api_url = api_url.rstrip("/")
+        self.namespace = namespace
+        self.token_path = Path(token_path) if token_path else None
+        self.timeout_s = timeout_s
+        self.context: ssl.SSLContext | None = None
+        if self.api_url.startswith("https://"):
+            self.context = ssl.create_default_context(cafile=str(ca_path) if ca_path else None)
+        self.errors = _ErrorLog()
+
+    @classmethod
+    def from_environment(cls, namespace: str | None = None, api_url: str | None = None) -> "KubernetesActuator":
+        """In-cluster config: KUBERNETES_SERVICE_HOST/PORT, the service account's token and CA,
+        namespace from the argument or the service account. `api_url` (e.g. http://127.0.0.1:8001
+        behind `kubectl proxy`) replaces the in-cluster address; the token is still sent when the
+        file exists."""
+        token = SERVICE_ACCOUNT_DIR / "token"
+        ca = SERVICE_ACCOUNT_DIR / "ca.crt"
+        if not namespace:
+            try:
+                namespace = (SERVICE_ACCOUNT_DIR / "namespace").read_text().strip()
+            except OSError:
+                raise ValueError("no namespace: pass --namespace / MOE_NAMESPACE (not running in a pod?)") from None
+        if not api_url:
+            host = os.environ.get("KUBERNETES_SERVICE_HOST")
+            port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+            if not host:
+                raise ValueError("KUBERNETES_SERVICE_HOST is unset: not running in a pod; "
+                                 "pass --kube-api (e.g. http://127.0.0.1:8001 with kubectl proxy)")
+            host = f"[{host}]" if ":" in host else host
+            api_url = f"https://{host}:{port}"
+        return cls(api_url, namespace, token_path=token if token.exists() else None,
+                   ca_path=ca if ca.exists() else None)
+
+    def scale_path(self, deployment: str) -> str:
+        return f"/apis/apps/v1/namespaces/{self.namespace}/deployments/{deployment}/scale"
+
+    def _request(self, method: str, path: str, body: dict | None = None) -> dict:
+        headers = {"Accept": "application/json"}
+        if self.token_path is not None:
+            headers["Authorization"] = f"Bearer {self.token_path.read_text().strip()}"
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = MERGE_PATCH
+        request = urllib.request.Request(self.api_url + path, data=data, method=method, headers=headers)
+        with urllib.request.urlopen(request, timeout=self.timeout_s, context=self.context) as response:
+            return json.loads(response.read() or b"{}")
+
+    def _call(self, spec: ShardSpec, method: str, body: dict | None = None) -> dict | None:
+        if not spec.deployment:
+            self.errors.failed(spec.name, "no-deployment", "shard has no deployment in the targets config")
+            return None
+        path = self.scale_path(spec.deployment)
+        try:
+            result = self._request(method, path, body)
+        except urllib.error.HTTPError as err:
+            detail = err.read()[:300].decode(errors="replace")
+            hint = {401: "token rejected", 403: "the Role must allow get/patch on deployments/scale",
+                    404: "no such Deployment in this namespace"}.get(err.code)
+            self.errors.failed(spec.name, f"http-{err.code}", "kubernetes API refused", method=method,
+                               path=path, status=err.code, hint=hint, detail=detail)
+            return None
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            reason = getattr(err, "reason", err)
+            self.errors.failed(spec.name, "unreachable", "kubernetes API unreachable", method=method,
+                               url=self.api_url, error=str(reason))
+            return None
+        self.errors.ok(spec.name)
+        return result
+
+    def current(self, spec: ShardSpec, live: Sequence[ReplicaRecord] = ()) -> int | None:
+        """The Deployment's spec.replicas (what was asked, not what is ready)."""
+        result = self._call(spec, "GET")
+        if result is None:
+            return None
+        try:
+            return int((result.get("spec") or {}).get("replicas", 0))
+        except (TypeError, ValueError):
+            self.errors.failed(spec.name, "bad-response", "scale subresource without spec.replicas",
+                               body=json.dumps(result)[:300])
+            return None
+
+    def scale(self, spec: ShardSpec, replicas: int, live: Sequence[ReplicaRecord] = ()) -> bool:
+        return self._call(spec, "PATCH", {"spec": {"replicas": int(replicas)}}) is not None
+
+    def close(self) -> None:
+        pass
+
+
+# ---- local processes ------------------------------------------------------------------------
+
+@dataclass
+class _Child:
+    replica_id: str
+    process: subprocess.Popen
+    log_path: Path
+    stop_deadline: float | None = None       # set once SIGTERM was sent
+
+
+@dataclass
+class LocalActuator:
+    """Runs expert replicas as child processes of the autoscaler (clusters on one machine).
+
+    Replica k of shard S runs `python -m services.expert --model M --experts E --shard S
+    --replica-id <S>-as<pid>-<k> --port 0 --metrics-port 0 --host 127.0.0.1 --redis-url U
+    --cluster C --plane 0 [extra_args]`, its log in `<run_dir>/<replica-id>.log`. Replicas of
+    the shard that someone else started (the launcher) count towards `current` but are never
+    stopped: only our own children are. Scale-down stops the newest child (SIGTERM, SIGKILL after
+    `grace_s`) without blocking the loop; `close` stops every child and waits."""
+
+    model: str
+    redis_url: str
+    cluster: str
+    run_dir: Path
+    host: str = "127.0.0.1"
+    grace_s: float = 15.0
+    extra_args: Sequence[str] = ()
+    command: Sequence[str] | None = None      # replaces [python, -m, services.expert] (tests)
+    children: dict[str, list[_Child]] = field(default_factory=dict)
+    errors: _ErrorLog = field(default_factory=_ErrorLog)
+    _counter: int = 0
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def argv(self, spec: ShardSpec, replica_id: str) -> list[str]:
+        base = list(self.command) if self.command else [sys.executable, "-m", "services.expert"]
+        return [*base, "--model", str(self.model), "--experts", format_ids(spec.experts), "--shard", spec.name,
+                "--replica-id", replica_id, "--port", "0", "--metrics-port", "0", "--host", self.host,
+                "--redis-url", self.redis_url, "--cluster", self.cluster, "--plane", "0", *self.extra_args]
+
+    def _reap(self, shard: str) -> list[_Child]:
+        """Drop exited children (logging unexpected exits), SIGKILL those past their grace."""
+        alive = []
+        for child in self.children.get(shard, []):
+            code = child.process.poll()
+            if code is not None:
+                if child.stop_deadline is None:
+                    event(log, "replica exited on its own", level=logging.WARNING, shard=shard,
+                          replica=child.replica_id, pid=child.process.pid, status=code, log=str(child.log_path))
+                continue
+            if child.stop_deadline is not None and time.monotonic() > child.stop_deadline:
+                event(log, "replica ignored SIGTERM, killing", level=logging.WARNING, shard=shard,
+                      replica=child.replica_id, pid=child.process.pid)
+                child.process.kill()
+            alive.append(child)
+        self.children[shard] = alive
+        return alive
+
+    def running(self, shard: str) -> list[_Child]:
+        """Our children of `shard` that are running and not being stopped."""
+        return [c for c in self._reap(shard) if c.stop_deadline is None]
+
+    def current(self, spec: ShardSpec, live: Sequence[ReplicaRecord] = ()) -> int | None:
+        ours = self.running(spec.name)
+        ids = {c.replica_id for c in self.children.get(spec.name, [])}
+        foreign = [r for r in live if r.shard == spec.name and r.id not in ids]
+        return len(ours) + len(foreign)
+
+    def scale(self, spec: ShardSpec, replicas: int, live: Sequence[ReplicaRecord] = ()) -> bool:
+        ours = self.running(spec.name)
+        have = self.current(spec, live) or 0
+        if replicas > have:
+            for _ in range(replicas - have):
+                if not self._start(spec):
+                    return False
+        elif replicas < have:
+            surplus = min(have - replicas, len(ours))
+            if surplus < have - replicas:
+                event(log, "cannot stop replicas this autoscaler did not start", level=logging.WARNING,
+                      shard=spec.name, wanted=replicas, foreign=have - len(ours))
+            for child in sorted(ours, key=lambda c: c.process.pid, reverse=True)[:surplus]:
+                self._terminate(spec.name, child)
+        return True
+
+    def _start(self, spec: ShardSpec) -> bool:
+        self._counter += 1
+        replica_id = f"{spec.name}-as{os.getpid()}-{self._counter}"
+        log_path = self.run_dir / f"{replica_id}.log"
+        argv = self.argv(spec, replica_id)
+        try:
+            with open(log_path, "ab") as out:
+                process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                           start_new_session=True)
+        except OSError as err:
+            self.errors.failed(spec.name, "spawn", "could not start replica", argv=" ".join(argv), error=str(err))
+            return False
+        self.errors.ok(spec.name)
+        self.children.setdefault(spec.name, []).append(_Child(replica_id, process, log_path))
+        event(log, "replica started", shard=spec.name, replica=replica_id, pid=process.pid, log=str(log_path))
+        return True
+
+    def _terminate(self, shard: str, child: _Child) -> None:
+        if child.process.poll() is None:
+            child.process.send_signal(signal.SIGTERM)
+        child.stop_deadline = time.monotonic() + self.grace_s
+        event(log, "replica stopping", shard=shard, replica=child.replica_id, pid=child.process.pid)
+
+    def close(self) -> None:
+        """SIGTERM every child we started, SIGKILL whichever outlives the grace, wait for all."""
+        everyone = [(shard, c) for shard, kids in self.children.items() for c in kids]
+        for shard, child in everyone:
+            if child.stop_deadline is None:
+                self._terminate(shard, child)
+        deadline = time.monotonic() + self.grace_s
+        for _shard, child in everyone:
+            try:
+                child.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait(5.0)
+        self.children.clear()
