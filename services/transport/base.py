@@ -1,0 +1,121 @@
+"""The dispatch/combine interface every transport implements, and the metrics they share.
+
+    transport = make_transport("grpc", dispatch_dtype="bf16")
+    client = transport.connect(replica)          # one per (worker, replica) pair, thread-safe
+    future = client.submit(ExpertBatch(layer, hidden, ids, weights), timeout=5.0)   # dispatch
+    out = future.result()                        # combine: [T, H]; ReplicaUnavailable -> retry elsewhere
+
+A future never outlives its timeout: it resolves with the output, with ReplicaUnavailable
+(endpoint error, broken stream, timeout, replica draining), or with InvalidArgument (the batch
+itself is wrong; another replica would reject it too).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from prometheus_client import Counter, Histogram
+
+from services.common.errors import Unavailable
+
+DISPATCH_DTYPES = ("fp32", "bf16", "fp8")
+TRANSPORTS = ("grpc", "ucx")
+
+# Shared by every transport (a metric can be registered once per process). Labels:
+# transport = "grpc" | "ucx"; direction = "dispatch" (worker -> shard) | "combine" (shard -> worker).
+DISPATCH_BYTES = Counter("moe_dispatch_bytes_total", "Bytes of expert traffic put on or taken off the wire",
+                         ["transport", "direction"])
+DISPATCH_WAIT = Histogram("moe_dispatch_wait_seconds",
+                          "Seconds from submitting an expert batch to its output (or failure) arriving",
+                          ["transport"],
+                          buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0))
+DISPATCH_FAILURES = Counter("moe_dispatch_failures_total", "Expert batches that failed, by reason",
+                            ["transport", "reason"])
+
+
+@dataclass
+class ExpertBatch:
+    """One MoE layer's work for one shard replica."""
+
+    layer: int
+    hidden: torch.Tensor                       # [T, H] float32 / bfloat16 (float8_e4m3fn with hidden_scales)
+    expert_ids: torch.Tensor                   # [T, K] int32 logical ids; -1 = slot not for this replica
+    weights: torch.Tensor                      # [T, K] float32 (0 where expert_ids == -1)
+    hidden_scales: torch.Tensor | None = None  # [T, ceil(H/128)] float32, only for float8_e4m3fn hidden
+
+    @property
+    def tokens(self) -> int:
+        return int(self.hidden.shape[0])
+
+
+class ReplicaUnavailable(Unavailable):
+    """The replica could not answer (endpoint error, stream broken, timeout, draining): the caller
+    retries on another replica of the same experts. Maps to UNAVAILABLE if it escapes a servicer."""
+
+    def __init__(self, replica_id: str, reason: str) -> None:
+        super().__init__(f"expert replica {replica_id}: {reason}")
+        self.replica_id = replica_id
+        self.reason = reason
+
+
+class ReplicaLike(Protocol):
+    """What connect() needs of a registry record (services.common.redis_store.ReplicaRecord)."""
+
+    id: str
+    endpoints: dict[str, str]
+
+
+class ExpertClient(ABC):
+    """The link from one worker to one replica; thread-safe, reconnects lazily after a failure."""
+
+    replica_id: str
+
+    @abstractmethod
+    def submit(self, batch: ExpertBatch, timeout: float) -> concurrent.futures.Future:
+        """Send `batch`; the future's result is the [T, H] output in the batch's hidden dtype
+        (float32 when hidden was float8), or it raises ReplicaUnavailable / InvalidArgument no
+        later than `timeout` seconds from now."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Fail pending futures with ReplicaUnavailable and release the connection."""
+
+
+class Transport(ABC):
+    name: str
+
+    @abstractmethod
+    def connect(self, replica: ReplicaLike) -> ExpertClient:
+        """A client for `replica` (cheap: the connection is opened on first submit)."""
+
+    def close(self) -> None:
+        """Release what the transport itself holds (clients are closed by their owners)."""
+
+
+def check_dispatch_dtype(dispatch_dtype: str) -> str:
+    if dispatch_dtype not in DISPATCH_DTYPES:
+        raise ValueError(f"dispatch dtype '{dispatch_dtype}' is not one of {', '.join(DISPATCH_DTYPES)}")
+    return dispatch_dtype
+
+
+def make_transport(name: str, dispatch_dtype: str, **options: Any) -> Transport:
+    """The transport called `name` ("grpc" or "ucx"); UCX is imported only here, on demand."""
+    check_dispatch_dtype(dispatch_dtype)
+    if name == "grpc":
+        from services.transport.grpc_transport import GrpcTransport
+
+        return GrpcTransport(dispatch_dtype, **options)
+    if name == "ucx":
+        try:
+            module = importlib.import_module("services.transport.ucx_transport")
+        except ImportError as err:
+            raise RuntimeError(f"transport 'ucx' is unavailable: {err} (install ucxx, or use --transport grpc)") from err
+        if not hasattr(module, "UcxTransport"):
+            raise RuntimeError("services.transport.ucx_transport defines no UcxTransport class")
+        return module.UcxTransport(dispatch_dtype, **options)
+    raise ValueError(f"transport '{name}' is not one of {', '.join(TRANSPORTS)}")
