@@ -23,9 +23,9 @@ demo-model: setup
 	$(PY) -m services.commands.demo_model $(DEMO_MODEL)
 
 run: demo-model
-	$(PY) -m services.cli up --model $(DEMO_MODEL) --shards 2 --replicas 2 --attention-workers 2 --detach
-	$(PY) -m services.cli generate --endpoint 127.0.0.1:50050 --prompt-ids 1,2,3,4 --max-new-tokens 16 --ignore-eos; \
-	  status=$$?; $(PY) -m services.cli down; exit $$status
+	$(VENV)/bin/moe up --model $(DEMO_MODEL) --shards 2 --replicas 2 --attention-workers 2 --detach
+	$(VENV)/bin/moe generate --endpoint 127.0.0.1:50050 --prompt-ids 1,2,3,4 --max-new-tokens 16 --ignore-eos; \
+	  status=$$?; $(VENV)/bin/moe down; exit $$status
 
 test: setup
 	$(PY) -m pytest -q

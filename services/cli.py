@@ -57,4 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m services.cli` runs this file as __main__; use the importable module's main so
+    # CliError raised by subcommands is the class it catches.
+    from services.cli import main as package_main
+
+    sys.exit(package_main())

@@ -1,0 +1,280 @@
+"""Python client for applications: Generate through a cluster's gateway, status from its router.
+
+    from services.client import Client, ClientError
+    with Client("127.0.0.1:50050", timeout=60) as client:
+        result = client.generate(prompt_ids=[1, 2, 3], max_new_tokens=16)
+        print(result.tokens, result.finish_reason, result.usage["time_to_first_token_ms"])
+        for item in client.stream(prompt_ids=[1, 2, 3], max_new_tokens=4):
+            ...  # Token(id, logprob, text, index) per token, then the GenerationResult
+
+    RouterClient("127.0.0.1:50051").status()   # moe.v1.Router.ClusterStatus as a dict
+
+Every failure is a `ClientError(code, message)`: the gRPC status name (or the stream's error
+event code) and the server's message. Needs only grpcio and the generated protos (no torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import grpc
+from google.protobuf import json_format
+
+from moe.v1 import inference_pb2, inference_pb2_grpc, router_pb2, router_pb2_grpc
+
+INT32_MAX = 2 ** 31 - 1
+UINT32_MAX = 2 ** 32 - 1
+UINT64_MAX = 2 ** 64 - 1
+FINISH_REASONS = {
+    inference_pb2.FINISH_REASON_STOP: "stop",
+    inference_pb2.FINISH_REASON_LENGTH: "length",
+    inference_pb2.FINISH_REASON_CANCELLED: "cancelled",
+    inference_pb2.FINISH_REASON_UNSPECIFIED: "unspecified",
+}
+
+
+class ClientError(Exception):
+    """A failed call: `code` is the gRPC status name (e.g. "INVALID_ARGUMENT"), `message` the cause."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+    @classmethod
+    def from_rpc_error(cls, err: grpc.RpcError) -> "ClientError":
+        code = err.code() if hasattr(err, "code") else None
+        details = err.details() if hasattr(err, "details") else str(err)
+        return cls(code.name if code is not None else "UNKNOWN", details or "")
+
+
+@dataclass(frozen=True)
+class Token:
+    """One streamed token."""
+
+    id: int
+    logprob: float      # natural log, temperature-1 distribution
+    text: str           # text it adds ("" without a tokenizer)
+    index: int          # 0-based position among the generated tokens
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]
+    logprobs: list[float]
+    text: str | None                  # None when the server streamed no text
+    finish_reason: str                # "stop" | "length" | "cancelled"
+    usage: dict = field(default_factory=dict)   # prompt_tokens, generated_tokens, time_to_first_token_ms, total_time_ms
+    request_id: str = ""
+
+    def to_dict(self) -> dict:
+        """The `moe generate --json` shape."""
+        out = {
+            "tokens": self.tokens,
+            "logprobs": self.logprobs,
+            "finish_reason": self.finish_reason,
+            "usage": {k: self.usage[k] for k in ("prompt_tokens", "generated_tokens", "time_to_first_token_ms")
+                      if k in self.usage},
+        }
+        if self.text is not None:
+            out["text"] = self.text
+        return out
+
+
+def _check_ids(ids: Sequence[int], what: str) -> list[int]:
+    out = []
+    for token in ids:
+        if isinstance(token, bool) or not isinstance(token, int):
+            raise ClientError("INVALID_ARGUMENT", f"{what} must be integers, got {token!r}")
+        if not 0 <= token <= INT32_MAX:
+            raise ClientError("INVALID_ARGUMENT", f"{what} must be in 0..{INT32_MAX}, got {token}")
+        out.append(token)
+    return out
+
+
+def build_request(*, prompt_ids: Sequence[int] | None = None, text: str | None = None, max_new_tokens: int = 32,
+                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                  stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
+                  request_id: str | None = None) -> inference_pb2.GenerateRequest:
+    """A GenerateRequest, with the checks the wire types cannot express raised as ClientError.
+
+    Values the proto can carry (temperature, top_p, top_k, an empty prompt) are left to the
+    server, which answers INVALID_ARGUMENT with its own message.
+    """
+    if (prompt_ids is None) == (text is None):
+        raise ClientError("INVALID_ARGUMENT", "give exactly one of prompt_ids or text")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise ClientError("INVALID_ARGUMENT", f"max_new_tokens must be an integer, got {max_new_tokens!r}")
+    if not 1 <= max_new_tokens <= UINT32_MAX:
+        raise ClientError("INVALID_ARGUMENT", f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if seed is not None and not 0 <= seed <= UINT64_MAX:
+        raise ClientError("INVALID_ARGUMENT", f"seed must be in 0..2**64-1, got {seed}")
+    if not -INT32_MAX <= top_k <= INT32_MAX:
+        raise ClientError("INVALID_ARGUMENT", f"top_k is out of range: {top_k}")
+    sampling = inference_pb2.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+    if seed is not None:
+        sampling.seed = seed
+    request = inference_pb2.GenerateRequest(
+        request_id=request_id or "", sampling=sampling, max_new_tokens=max_new_tokens,
+        stop_token_ids=_check_ids(stop_token_ids, "stop_token_ids"), ignore_eos=ignore_eos)
+    if text is not None:
+        request.text = text
+    else:
+        request.prompt_ids.ids.extend(_check_ids(prompt_ids, "prompt_ids"))
+    return request
+
+
+class Client:
+    """Generate through a gateway (or any moe.v1.Inference endpoint)."""
+
+    def __init__(self, endpoint: str, timeout: float | None = 600.0) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(endpoint, options=[("grpc.max_receive_message_length", 64 << 20)])
+        self._stub = inference_pb2_grpc.InferenceStub(self._channel)
+
+    def stream(self, prompt_ids: Sequence[int] | None = None, text: str | None = None, *,
+               max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+               seed: int | None = None, stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
+               request_id: str | None = None, timeout: float | None = None) -> Iterator[Token | GenerationResult]:
+        """Yield a Token per generated token, then the GenerationResult; raises ClientError.
+
+        Closing the generator early (break) cancels the call on the server.
+        """
+        request = build_request(prompt_ids=prompt_ids, text=text, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
+                                request_id=request_id or uuid.uuid4().hex)
+        started = time.monotonic()
+        first_at = None
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        pieces: list[str] = []
+        call = self._stub.Generate(request, timeout=timeout if timeout is not None else self.timeout)
+        try:
+            for message in call:
+                kind = message.WhichOneof("event")
+                if kind == "token":
+                    chunk = message.token
+                    if first_at is None:
+                        first_at = time.monotonic()
+                    tokens.append(chunk.id)
+                    logprobs.append(chunk.logprob)
+                    pieces.append(chunk.text)
+                    yield Token(chunk.id, chunk.logprob, chunk.text, chunk.index)
+                elif kind == "error":
+                    raise ClientError(message.error.code or "UNKNOWN", message.error.message)
+                elif kind == "final":
+                    usage = message.final.usage
+                    ttft_ms = (first_at - started) * 1000 if first_at is not None else 0.0
+                    has_text = request.WhichOneof("prompt") == "text" or any(pieces)
+                    yield GenerationResult(
+                        tokens=tokens, logprobs=logprobs, text="".join(pieces) if has_text else None,
+                        finish_reason=FINISH_REASONS.get(message.final.finish_reason, "unspecified"),
+                        usage={"prompt_tokens": usage.prompt_tokens, "generated_tokens": usage.generated_tokens,
+                               "time_to_first_token_ms": round(ttft_ms, 3),
+                               "server_time_to_first_token_ms": round(usage.time_to_first_token_ms, 3),
+                               "total_time_ms": round(usage.total_time_ms, 3)},
+                        request_id=message.request_id or request.request_id)
+                    return
+        except grpc.RpcError as err:
+            raise ClientError.from_rpc_error(err) from None
+        finally:
+            call.cancel()  # no-op once the call has ended; frees the server's KV cache otherwise
+        raise ClientError("INTERNAL", f"stream of request {request.request_id} ended without a final message")
+
+    def generate(self, prompt_ids: Sequence[int] | None = None, text: str | None = None, **kwargs) -> GenerationResult:
+        """Run one request to completion (same arguments as `stream`)."""
+        for item in self.stream(prompt_ids, text, **kwargs):
+            if isinstance(item, GenerationResult):
+                return item
+        raise ClientError("INTERNAL", "stream ended without a result")  # stream() raises first
+
+    def load(self, timeout: float = 2.0) -> inference_pb2.WorkerLoad:
+        try:
+            return self._stub.GetLoad(inference_pb2.GetLoadRequest(), timeout=timeout)
+        except grpc.RpcError as err:
+            raise ClientError.from_rpc_error(err) from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RouterClient:
+    """Read-only view of a cluster through its router (moe.v1.Router)."""
+
+    def __init__(self, endpoint: str, timeout: float = 5.0) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(endpoint)
+        self._stub = router_pb2_grpc.RouterStub(self._channel)
+
+    def cluster_status(self) -> router_pb2.ClusterStatusResponse:
+        try:
+            return self._stub.ClusterStatus(router_pb2.ClusterStatusRequest(), timeout=self.timeout)
+        except grpc.RpcError as err:
+            raise ClientError.from_rpc_error(err) from None
+
+    def status(self) -> dict:
+        """ClusterStatus as a dict (protobuf JSON names, defaults included)."""
+        return json_format.MessageToDict(self.cluster_status(), preserving_proto_field_name=True,
+                                         always_print_fields_with_no_presence=True)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "RouterClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def router_endpoint_from_redis(redis_url: str, cluster: str) -> str | None:
+    """The gRPC endpoint of a live router registered in Redis, or None."""
+    from services.common import redis_store, settings
+
+    client = redis_store.connect(redis_url, settings.redis_password())
+    try:
+        routers = redis_store.list_replicas(client, redis_store.Keys(cluster), "router")
+    finally:
+        client.close()
+    return next((r.endpoints["grpc"] for r in routers if r.endpoints.get("grpc")), None)
+
+
+# ---- `moe generate --endpoint` ---------------------------------------------------------------
+
+def generate_cli(args: argparse.Namespace) -> int:
+    """`moe generate --endpoint HOST:PORT ...`: the same flags and output as the in-process path."""
+    from services.cli import CliError
+    from services.commands.generate import _ids, print_result
+
+    if args.max_new_tokens < 1:
+        raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.seed is not None and args.seed < 0:
+        raise CliError(f"--seed must be >= 0, got {args.seed}")
+    prompt_ids = _ids(args.prompt_ids, "--prompt-ids") if args.prompt_ids is not None else None
+    stops: Sequence[int] = ()
+    ignore_eos = args.ignore_eos
+    if args.stop_ids is not None:
+        stops = _ids(args.stop_ids, "--stop-ids")
+        ignore_eos = True  # --stop-ids replaces the model's EOS, as in the in-process path
+    try:
+        with Client(args.endpoint, timeout=args.timeout) as client:
+            result = client.generate(prompt_ids, args.prompt, max_new_tokens=args.max_new_tokens,
+                                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                     seed=args.seed, stop_token_ids=stops, ignore_eos=ignore_eos)
+    except ClientError as err:
+        raise CliError(f"{err.code}: {err.message}") from None
+    print_result(result.to_dict(), args.json)
+    return 0

@@ -1,0 +1,1 @@
+"""Public gateway: one moe.v1.Inference endpoint that spreads requests over attention workers."""

@@ -1,0 +1,79 @@
+"""`python -m services.gateway`: the public moe.v1.Inference endpoint in front of the attention workers.
+
+Loads no weights and never imports torch. Health reports NOT_SERVING until the first attention
+worker is discovered, then SERVING for the rest of its life (with no worker left, Generate
+answers UNAVAILABLE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from moe.v1 import inference_pb2, inference_pb2_grpc
+from services.common import redis_store, settings
+from services.common.logging import configure_logging, event, get_logger
+from services.common.redis_store import Keys, ReplicaRecord
+from services.common.server import Service
+from services.gateway.servicer import GatewayServicer, Upstreams
+
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+log = get_logger("gateway")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m services.gateway",
+                                     description="public Generate endpoint: spreads requests over attention workers")
+    settings.add_common_arguments(parser, default_port=settings.DEFAULT_PORTS["gateway"])
+    parser.add_argument("--poll-interval", type=float, default=1.0,
+                        help="registry and GetLoad poll period, seconds [1.0]")
+    parser.add_argument("--max-streams", type=int, default=256,
+                        help="Generate streams served at once (server threads) [256]")
+    parser.add_argument("--grace", type=float, default=10.0, help="shutdown grace period, seconds [10]")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging("gateway", args.log_level)
+    client = redis_store.connect(args.redis_url, settings.redis_password())
+    keys = Keys(args.cluster)
+
+    service = Service("gateway", args, [SERVICE_NAME], max_workers=args.max_streams, grace_s=args.grace)
+    ready = {"seen": False}
+
+    def on_workers(count: int) -> None:
+        if count and not ready["seen"]:
+            ready["seen"] = True
+            if service.port:
+                service.set_serving(True)
+                event(log, "first attention worker found, serving")
+
+    upstreams = Upstreams(client, keys, poll_s=args.poll_interval, on_workers=on_workers)
+    servicer = GatewayServicer(upstreams)
+    inference_pb2_grpc.add_InferenceServicer_to_server(servicer, service.server)
+    port = service.start()
+    if not ready["seen"]:
+        service.set_serving(False)
+    host = settings.advertise_host(args)
+    servicer.replica_id = f"gateway-{host}-{port}-{os.getpid()}"
+    upstreams.start()  # first poll now; on_workers flips health to SERVING
+    if ready["seen"]:
+        service.set_serving(True)
+    registry = redis_store.Registry(client, keys, ReplicaRecord(
+        kind="gateway", id=servicer.replica_id, endpoints={"grpc": f"{host}:{port}"})).start()
+    event(log, "gateway ready", cluster=args.cluster, workers=len(upstreams.balancer.registered()))
+
+    def stop_accepting() -> None:
+        servicer.accepting = False
+
+    service.on_shutdown(stop_accepting)
+    service.on_shutdown(registry.deregister)
+    code = service.wait()
+    upstreams.close()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""The gateway's moe.v1.Inference: proxy each Generate stream to the least-loaded attention worker.
+
+`Upstreams` keeps the worker list (Redis registry, kind "attention", polled every second; the
+last list survives a Redis outage), one channel per worker and their GetLoad figures.
+`GatewayServicer.Generate` forwards the request with the client's deadline and request id,
+streams every message back, cancels upstream when the client goes away, retries once on another
+worker when the first fails UNAVAILABLE before sending anything, and otherwise passes the
+worker's status and message through unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from typing import Callable, Iterator
+
+import grpc
+import redis
+from prometheus_client import Counter, Gauge, Histogram
+
+from moe.v1 import inference_pb2, inference_pb2_grpc
+from services.common import redis_store
+from services.common.errors import Unavailable
+from services.common.logging import event, get_logger
+from services.common.redis_store import Keys
+from services.gateway.balancer import Balancer, Lease, WorkerInfo
+
+log = get_logger("gateway")
+
+REQUESTS = Counter("moe_gateway_requests_total", "Generate calls by final status code", ["code"])
+TOKENS = Counter("moe_gateway_tokens_streamed_total", "Generated tokens streamed to clients")
+RETRIES = Counter("moe_gateway_retries_total", "Generate calls retried on another worker (UNAVAILABLE before any token)")
+TTFT = Histogram("moe_gateway_time_to_first_token_seconds", "Request arrival at the gateway to its first token",
+                 buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+TOKEN_LATENCY = Histogram("moe_gateway_inter_token_seconds", "Time between consecutive tokens of one stream",
+                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+WORKERS = Gauge("moe_gateway_workers", "Attention workers known to the gateway")
+IN_FLIGHT = Gauge("moe_gateway_streams_in_flight", "Generate streams open through the gateway")
+
+LOAD_TIMEOUT_S = 0.5
+NO_DEADLINE_S = 10 ** 6  # time_remaining() beyond this means the client set no deadline
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.enable_retries", 0)]
+
+
+class Upstreams:
+    """Worker discovery (Redis), channels per worker and the load poll feeding the Balancer."""
+
+    def __init__(self, client: redis.Redis | None, keys: Keys | None, *, poll_s: float = 1.0,
+                 empty_grace_s: float = redis_store.REPLICA_TTL_S,
+                 on_workers: Callable[[int], None] | None = None) -> None:
+        self.client = client
+        self.keys = keys
+        self.poll_s = poll_s
+        self.empty_grace_s = empty_grace_s
+        self.on_workers = on_workers
+        self.balancer = Balancer()
+        self._channels: dict[str, tuple[grpc.Channel, inference_pb2_grpc.InferenceStub]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._empty_since: float | None = None
+        self.outage = False
+
+    # ---- channels ---------------------------------------------------------------------------
+    def stub(self, endpoint: str) -> inference_pb2_grpc.InferenceStub:
+        with self._lock:
+            entry = self._channels.get(endpoint)
+            if entry is None:
+                channel = grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+                entry = (channel, inference_pb2_grpc.InferenceStub(channel))
+                self._channels[endpoint] = entry
+            return entry[1]
+
+    def _close_unused(self, gone: list[WorkerInfo]) -> None:
+        in_use = {w.endpoint for w in self.balancer.registered()}
+        with self._lock:
+            for info in gone:
+                if info.endpoint not in in_use and info.endpoint in self._channels:
+                    self._channels.pop(info.endpoint)[0].close()
+
+    def release(self, lease: Lease) -> None:
+        gone = self.balancer.release(lease)
+        if gone is not None:
+            self._close_unused([gone])
+
+    # ---- discovery --------------------------------------------------------------------------
+    def set_workers(self, workers: list[WorkerInfo]) -> None:
+        self._close_unused(self.balancer.update_workers(workers))
+        WORKERS.set(len(workers))
+        if self.on_workers is not None:
+            self.on_workers(len(workers))
+
+    def refresh(self) -> None:
+        """Re-read the registry (keeping the last list when Redis is down), then poll loads."""
+        if self.client is not None and self.keys is not None:
+            try:
+                records = redis_store.list_replicas(self.client, self.keys, "attention")
+            except redis.RedisError as err:
+                if not self.outage:
+                    event(log, "redis unreachable, keeping the last worker list", level=logging.WARNING,
+                          workers=len(self.balancer.registered()), error=str(err))
+                self.outage = True
+            else:
+                if self.outage:
+                    event(log, "redis reachable again")
+                self.outage = False
+                workers = [WorkerInfo(r.id, r.endpoints["grpc"], r.plane) for r in records
+                           if r.endpoints.get("grpc") and r.state == redis_store.SERVING]
+                self._apply(workers)
+        self.poll_loads()
+
+    def _apply(self, workers: list[WorkerInfo]) -> None:
+        # An empty registry while we knew workers is most often a Redis that restarted empty (the
+        # workers re-register within a heartbeat): keep the last list for a record's lifetime.
+        if not workers and self.balancer.registered():
+            now = time.monotonic()
+            self._empty_since = self._empty_since or now
+            if now - self._empty_since < self.empty_grace_s:
+                return
+        else:
+            self._empty_since = None
+        before = {w.id for w in self.balancer.registered()}
+        self.set_workers(workers)
+        after = {w.id for w in workers}
+        if before != after:
+            event(log, "attention workers", count=len(after), added=",".join(sorted(after - before)) or None,
+                  removed=",".join(sorted(before - after)) or None)
+
+    def poll_loads(self) -> None:
+        """GetLoad on every worker in parallel; a worker that does not answer is avoided."""
+        pending = []
+        for info in self.balancer.registered():
+            future = self.stub(info.endpoint).GetLoad.future(inference_pb2.GetLoadRequest(), timeout=LOAD_TIMEOUT_S)
+            pending.append((info, future))
+        for info, future in pending:
+            try:
+                load = future.result()
+            except grpc.RpcError:
+                self.balancer.report_unreachable(info.id)
+                continue
+            self.balancer.report_load(info.id, active=load.active_sequences, queued=load.queued_sequences,
+                                      max_batch=load.max_batch, accepting=load.accepting)
+
+    def start(self) -> "Upstreams":
+        self.refresh()
+        self._thread = threading.Thread(target=self._run, name="gateway-discovery", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.refresh()
+            except Exception as err:  # noqa: BLE001 - discovery must outlive one bad poll
+                event(log, "worker poll failed", level=logging.ERROR, error=repr(err), exc_info=True)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.poll_s + LOAD_TIMEOUT_S + 1.0)
+        with self._lock:
+            for channel, _ in self._channels.values():
+                channel.close()
+            self._channels.clear()
+
+
+def _upstream_timeout(context: grpc.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    if remaining is None or remaining > NO_DEADLINE_S:
+        return None
+    return max(remaining, 0.001)
+
+
+class GatewayServicer(inference_pb2_grpc.InferenceServicer):
+    """moe.v1.Inference in front of the attention workers."""
+
+    def __init__(self, upstreams: Upstreams, replica_id: str = "gateway", *, retries: int = 1) -> None:
+        self.upstreams = upstreams
+        self.replica_id = replica_id
+        self.retries = retries
+        self.accepting = True
+
+    def GetLoad(self, request: inference_pb2.GetLoadRequest, context: grpc.ServicerContext) -> inference_pb2.WorkerLoad:
+        workers = self.upstreams.balancer.workers()
+        return inference_pb2.WorkerLoad(
+            replica_id=self.replica_id, active_sequences=self.upstreams.balancer.in_flight(),
+            max_batch=sum(w.max_batch for w in workers if w.registered), accepting=self.accepting)
+
+    def Generate(self, request: inference_pb2.GenerateRequest,
+                 context: grpc.ServicerContext) -> Iterator[inference_pb2.GenerateResponse]:
+        if not self.accepting:
+            REQUESTS.labels("UNAVAILABLE").inc()
+            raise Unavailable("gateway is shutting down; retry on another gateway")
+        if not request.request_id:
+            forwarded = inference_pb2.GenerateRequest()
+            forwarded.CopyFrom(request)
+            forwarded.request_id = uuid.uuid4().hex
+            request = forwarded
+        rid = request.request_id
+        arrived = time.monotonic()
+        tried: set[str] = set()
+        IN_FLIGHT.inc()
+        try:
+            while True:
+                lease = self.upstreams.balancer.acquire(exclude=tried)
+                if lease is None:
+                    REQUESTS.labels("UNAVAILABLE").inc()
+                    where = f" (tried {', '.join(sorted(tried))})" if tried else ""
+                    raise Unavailable(f"no attention worker available{where}")
+                tried.add(lease.worker.id)
+                outcome = yield from self._forward(request, context, lease, arrived)
+                if outcome is None:
+                    return
+                code, details = outcome
+                if code == grpc.StatusCode.UNAVAILABLE and len(tried) <= self.retries and context.is_active():
+                    RETRIES.inc()
+                    self.upstreams.balancer.mark_failed(lease.worker.id)
+                    event(log, "worker unavailable before any token, retrying elsewhere", request_id=rid,
+                          level=logging.WARNING, worker=lease.worker.id, detail=details)
+                    continue
+                REQUESTS.labels(code.name).inc()
+                context.abort(code, details)
+        finally:
+            IN_FLIGHT.dec()
+
+    def _forward(self, request: inference_pb2.GenerateRequest, context: grpc.ServicerContext, lease: Lease,
+                 arrived: float):
+        """Stream one attempt. Returns None when the call ended (OK, or the client went away), or
+        (code, details) of an upstream failure that happened before any message was sent."""
+        rid = request.request_id
+        stub = self.upstreams.stub(lease.worker.endpoint)
+        sent = 0
+        last_token = None
+        try:
+            call = stub.Generate(request, timeout=_upstream_timeout(context))
+            context.add_callback(call.cancel)  # client cancel / deadline -> cancel upstream
+            for message in call:
+                kind = message.WhichOneof("event")
+                if kind == "token":
+                    now = time.monotonic()
+                    if last_token is None:
+                        TTFT.observe(now - arrived)
+                    else:
+                        TOKEN_LATENCY.observe(now - last_token)
+                    last_token = now
+                    TOKENS.inc()
+                elif kind == "error":
+                    REQUESTS.labels(message.error.code or "UNKNOWN").inc()
+                elif kind == "final":
+                    REQUESTS.labels("OK").inc()
+                sent += 1
+                yield message
+            return None
+        except grpc.RpcError as err:
+            code, details = err.code(), err.details() or ""
+            if not context.is_active():
+                REQUESTS.labels("CANCELLED").inc()
+                return None  # the client cancelled or its deadline passed; nobody to tell
+            if sent == 0:
+                return code, details
+            REQUESTS.labels(code.name).inc()
+            event(log, "worker failed mid-stream", request_id=rid, level=logging.WARNING,
+                  worker=lease.worker.id, code=code.name, detail=details, sent=sent)
+            context.abort(code, details)
+        finally:
+            self.upstreams.release(lease)

@@ -1,0 +1,586 @@
+"""A whole cluster as local processes: Redis, router, expert shards, attention workers, gateway.
+
+    with LocalCluster("ckpt/", shards=2, replicas=2, attention_workers=2, run_dir=tmp) as cluster:
+        Client(cluster.gateway_endpoint).generate(prompt_ids=[1, 2, 3])
+        cluster.stop_process("shard-0-3.r1", signal.SIGKILL)    # lose a replica
+        cluster.start_process("shard-0-3.r1"); cluster.wait_serving("shard-0-3.r1")
+
+Every process runs `python -m services.<name>` (Redis: its own binary) in its own session, on
+free loopback ports, logging to `<run_dir>/logs/<name>.log`, with `MOE_CLUSTER=<prefix>` in its
+environment (`moe down` checks it before signalling a PID it did not start itself).
+Process names: "redis", "router", "shard-<a>-<b>.r<k>" (replica k of the shard holding experts
+a..b), "attention-<w>", "gateway". Startup runs everything at once and waits on all: each must
+answer SERVING on grpc.health.v1 (Redis: PING), then the router must report every replica
+registered and a plan with no missing expert. If one exits or the deadline passes, everything is
+stopped and ClusterError names the culprit with the tail of its log.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.ports import free_ports
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+HOST = "127.0.0.1"
+STOP_ORDER = ("gateway", "attention", "expert", "router", "redis")
+DEFAULT_READY_TIMEOUT_S = 180.0
+DEFAULT_STOP_TIMEOUT_S = 15.0
+LOG_TAIL_LINES = 20
+STATE_FILE = "cluster.json"
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not start (or be found); the message names the process and its log."""
+
+
+@dataclass
+class ManagedProcess:
+    """One process of the cluster and how to (re)start it."""
+
+    name: str                 # unique in the cluster, e.g. "shard-0-3.r1"
+    kind: str                 # redis | router | expert | attention | gateway
+    label: str                # for progress lines, e.g. "expert shard-0-3 replica 2/2"
+    cmd: list[str]
+    port: int                 # gRPC port (Redis: its port)
+    log_path: Path
+    metrics_port: int = 0
+    replica_id: str = ""
+    plane: int | None = None
+    shard: str = ""
+    experts: str = ""
+    ucx_port: int = 0
+    popen: subprocess.Popen | None = None
+    pid: int | None = None    # set from a cluster.json when we did not start it
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def endpoint(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def current_pid(self) -> int | None:
+        return self.popen.pid if self.popen is not None else self.pid
+
+    def running(self) -> bool:
+        if self.popen is not None:
+            return self.popen.poll() is None
+        return self.pid is not None and pid_alive(self.pid)
+
+    def exit_status(self) -> int | None:
+        return self.popen.poll() if self.popen is not None else None
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "pid": self.current_pid(), "port": self.port, "endpoint": self.endpoint,
+                "metrics_port": self.metrics_port, "log": str(self.log_path), "replica_id": self.replica_id,
+                "plane": self.plane, "shard": self.shard, "experts": self.experts, "ucx_port": self.ucx_port,
+                "label": self.label, "cmd": self.cmd}
+
+
+# ---- PIDs we may not have started (moe down) -----------------------------------------------
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def pid_belongs_to(pid: int, cluster: str, kind: str = "", port: int = 0) -> bool:
+    """True when `pid` is still the process we started (a recycled PID is not); True without /proc.
+
+    Services carry MOE_CLUSTER=<cluster> in their environment. redis-server rewrites its process
+    title over argv and environ, so it is recognised by "redis" and its address in the title.
+    """
+    proc = Path(f"/proc/{pid}")
+    try:
+        if kind == "redis":
+            title = (proc / "cmdline").read_bytes()
+            return b"redis" in title and f"{HOST}:{port}".encode() in title
+        environ = (proc / "environ").read_bytes()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return f"MOE_CLUSTER={cluster}".encode() in environ.split(b"\0")
+
+
+def cluster_pids(cluster: str) -> list[int]:
+    """Live PIDs whose environment carries MOE_CLUSTER=<cluster> (Linux /proc; [] elsewhere)."""
+    out = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        pid = int(entry.name)
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if pid != os.getpid() and f"MOE_CLUSTER={cluster}".encode() in environ.split(b"\0") and pid_alive(pid):
+            out.append(pid)
+    return sorted(out)
+
+
+def stop_pids(pids: Iterable[int], timeout: float = DEFAULT_STOP_TIMEOUT_S) -> list[int]:
+    """SIGTERM each live PID, wait up to `timeout`, SIGKILL stragglers; returns the killed ones.
+
+    Callers check ownership first (pid_belongs_to): this signals exactly the PIDs given.
+    """
+    targets = [p for p in pids if p and pid_alive(p)]
+    for pid in targets:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(pid_alive(p) for p in targets):
+        time.sleep(0.05)
+    killed = [p for p in targets if pid_alive(p)]
+    for pid in killed:
+        _signal(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline and any(pid_alive(p) for p in killed):
+        time.sleep(0.05)
+    return killed
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    tail = text.rstrip("\n").splitlines()[-lines:]
+    return "\n".join(f"    {line}" for line in tail) or "    (log is empty)"
+
+
+def split_experts(n_experts: int, shards: int) -> list[tuple[int, int]]:
+    """Contiguous (first, last) expert ranges, as even as possible: shard i gets [i*E/N, (i+1)*E/N)."""
+    if not 1 <= shards <= n_experts:
+        raise ClusterError(f"--shards must be between 1 and the model's {n_experts} routed experts, got {shards}")
+    return [(i * n_experts // shards, (i + 1) * n_experts // shards - 1) for i in range(shards)]
+
+
+def expert_plane(shard: int, replica: int, planes: int) -> int:
+    """Replicas of one shard sit on different planes while there are planes enough."""
+    return (shard + replica) % planes
+
+
+def health_status(endpoint: str, timeout: float = 0.5, channel: grpc.Channel | None = None) -> str:
+    """grpc.health.v1 status name of service "" at `endpoint` ("UNREACHABLE" when no answer)."""
+    own = channel is None
+    channel = channel or grpc.insecure_channel(endpoint)
+    try:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    except grpc.RpcError:
+        return "UNREACHABLE"
+    finally:
+        if own:
+            channel.close()
+
+
+def _redis_ping(port: int) -> bool:
+    import redis
+
+    client = redis.Redis(host=HOST, port=port, socket_connect_timeout=0.3, socket_timeout=0.3)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+class LocalCluster:
+    """Start, watch and stop a cluster of local processes (see the module docstring)."""
+
+    def __init__(self, model_dir: str | os.PathLike, shards: int = 2, replicas: int = 2, attention_workers: int = 2,
+                 planes: int = 1, transport: str = "grpc", dispatch_dtype: str | None = None,
+                 dtype: str | None = None, run_dir: str | os.PathLike | None = None,
+                 extra_env: dict[str, str] | None = None, *, gateway_port: int = 0, device: str = "cpu",
+                 extra_args: dict[str, list[str]] | None = None, cluster: str | None = None,
+                 log_level: str = "info", ready_timeout: float = DEFAULT_READY_TIMEOUT_S,
+                 stop_timeout: float = DEFAULT_STOP_TIMEOUT_S, progress: Callable[[str], None] | None = None) -> None:
+        """extra_args: more flags per process name or per kind (appended last, so they win)."""
+        if replicas < 1 or attention_workers < 1 or planes < 1:
+            raise ClusterError("--replicas, --attention-workers and --planes must each be >= 1")
+        if transport not in ("grpc", "ucx"):
+            raise ClusterError(f"--transport must be grpc or ucx, got {transport!r}")
+        self.model_dir = Path(model_dir).resolve()
+        self.n_experts = self._read_n_experts(self.model_dir)
+        self.ranges = split_experts(self.n_experts, shards)
+        self.shards, self.replicas, self.attention_workers, self.planes = shards, replicas, attention_workers, planes
+        self.transport, self.dispatch_dtype, self.dtype, self.device = transport, dispatch_dtype, dtype, device
+        self.run_dir = Path(run_dir if run_dir is not None else ".run").resolve()
+        self.extra_env = dict(extra_env or {})
+        self.extra_args = dict(extra_args or {})
+        self.cluster = cluster or f"moe-{secrets.token_hex(4)}"
+        self.log_level = log_level
+        self.ready_timeout = ready_timeout
+        self.stop_timeout = stop_timeout
+        self.progress = progress or (lambda line: None)
+        self.gateway_port = gateway_port
+        self.processes: dict[str, ManagedProcess] = {}
+        self.detached = False
+        self._started = False
+        self._status = "starting"
+        self._build()
+
+    # ---- configuration ----------------------------------------------------------------------
+    @staticmethod
+    def _read_n_experts(model_dir: Path) -> int:
+        from model.config import ModelConfig
+        from model.errors import ModelError
+
+        try:
+            cfg = ModelConfig.from_model_dir(model_dir)
+        except (ModelError, OSError) as err:
+            raise ClusterError(f"cannot read the model at {model_dir}: {err}") from None
+        if not cfg.moe_layers:
+            raise ClusterError(f"{model_dir} has no MoE layers; nothing to shard")
+        return cfg.n_routed_experts
+
+    def _build(self) -> None:
+        n_services = 3 + self.shards * self.replicas + self.attention_workers
+        ports = free_ports(2 * n_services + self.shards * self.replicas)
+        take = iter(ports).__next__
+        logs = self.run_dir / "logs"
+        py = [sys.executable, "-m"]
+
+        def common(name: str, port: int, metrics: int) -> list[str]:
+            return ["--cluster", self.cluster, "--redis-url", self.redis_url_for(redis_port), "--host", HOST,
+                    "--advertise-host", HOST, "--port", str(port), "--metrics-port", str(metrics),
+                    "--log-level", self.log_level]
+
+        def weights() -> list[str]:
+            out = ["--model", str(self.model_dir), "--device", self.device]
+            return out + (["--dtype", self.dtype] if self.dtype else [])
+
+        redis_port = take()
+        self._add(ManagedProcess("redis", "redis", "redis", self._redis_cmd(redis_port), redis_port,
+                                 logs / "redis.log"))
+        port, metrics = take(), take()
+        self._add(ManagedProcess("router", "router", "router",
+                                 py + ["services.router", "--model", str(self.model_dir)] + common("router", port, metrics),
+                                 port, logs / "router.log", metrics))
+        for i, (first, last) in enumerate(self.ranges):
+            shard = f"shard-{first}-{last}"
+            for r in range(self.replicas):
+                name = f"{shard}.r{r}"
+                port, metrics = take(), take()
+                ucx = take() if self.transport == "ucx" else 0
+                plane = expert_plane(i, r, self.planes)
+                cmd = py + ["services.expert"] + weights() + common(name, port, metrics) + [
+                    "--experts", f"{first}-{last}", "--shard", shard, "--replica-id", name,
+                    "--plane", str(plane), "--ucx-port", str(ucx)]
+                self._add(ManagedProcess(name, "expert", f"expert {shard} replica {r + 1}/{self.replicas}", cmd,
+                                         port, logs / f"{name}.log", metrics, replica_id=name, plane=plane,
+                                         shard=shard, experts=f"{first}-{last}", ucx_port=ucx))
+        for w in range(self.attention_workers):
+            name = f"attention-{w}"
+            port, metrics = take(), take()
+            plane = w % self.planes
+            cmd = py + ["services.attention"] + weights() + common(name, port, metrics) + [
+                "--replica-id", name, "--plane", str(plane), "--transport", self.transport]
+            if self.dispatch_dtype:
+                cmd += ["--dispatch-dtype", self.dispatch_dtype]
+            self._add(ManagedProcess(name, "attention", f"attention worker {w + 1}/{self.attention_workers}", cmd,
+                                     port, logs / f"{name}.log", metrics, replica_id=name, plane=plane))
+        port, metrics = self.gateway_port or take(), take()
+        self._add(ManagedProcess("gateway", "gateway", "gateway", py + ["services.gateway"] + common("gateway", port, metrics),
+                                 port, logs / "gateway.log", metrics))
+        self._redis_port = redis_port
+
+    def _add(self, proc: ManagedProcess) -> None:
+        proc.cmd = proc.cmd + self.extra_args.get(proc.kind, []) + self.extra_args.get(proc.name, [])
+        self.processes[proc.name] = proc
+
+    def _redis_cmd(self, port: int) -> list[str]:
+        from services.common.redis_server import redis_server_binary
+
+        return [redis_server_binary(), "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
+                "--daemonize", "no", "--dir", str(self.run_dir), "--protected-mode", "no", "--loglevel", "warning"]
+
+    @staticmethod
+    def redis_url_for(port: int) -> str:
+        return f"redis://{HOST}:{port}/0"
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({"PYTHONUNBUFFERED": "1", "MOE_CLUSTER": self.cluster, "TOKENIZERS_PARALLELISM": "false"})
+        if "OMP_NUM_THREADS" not in env:  # share the cores among the torch processes
+            torch_procs = self.shards * self.replicas + self.attention_workers
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // torch_procs))
+        pythonpath = [str(REPO_ROOT), str(REPO_ROOT / "protos")]
+        if env.get("PYTHONPATH"):
+            pythonpath.append(env["PYTHONPATH"])
+        env["PYTHONPATH"] = os.pathsep.join(pythonpath)
+        env.update(self.extra_env)
+        return env
+
+    # ---- endpoints --------------------------------------------------------------------------
+    @property
+    def redis_url(self) -> str:
+        return self.redis_url_for(self._redis_port)
+
+    @property
+    def gateway_endpoint(self) -> str:
+        return self.processes["gateway"].endpoint
+
+    @property
+    def router_endpoint(self) -> str:
+        return self.processes["router"].endpoint
+
+    def names(self, kind: str | None = None) -> list[str]:
+        """Process names, of one kind when given, in start order."""
+        return [n for n, p in self.processes.items() if kind is None or p.kind == kind]
+
+    def worker_endpoints(self) -> list[str]:
+        return [p.endpoint for p in self.processes.values() if p.kind == "attention"]
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    def start(self) -> "LocalCluster":
+        """Start everything and wait until it serves; on failure stop it all and raise ClusterError."""
+        if self._started:
+            return self
+        self._started = True
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        atexit.register(self._atexit)
+        try:
+            self.start_process("redis")
+            self.wait_serving("redis", timeout=15.0)
+            for name in self.processes:
+                if name != "redis":
+                    self.start_process(name)
+            self._wait_all_serving(time.monotonic() + self.ready_timeout)
+            self.wait_ready(timeout=max(10.0, self.ready_timeout / 2))
+        except BaseException:
+            self.stop()
+            raise
+        self._status = "ready"
+        self._write_state("ready")
+        return self
+
+    def start_process(self, name: str) -> ManagedProcess:
+        """(Re)start one process with its original command, ports and replica id."""
+        proc = self.processes[name]
+        if proc.running():
+            return proc
+        proc.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(proc.log_path, "ab") as log:
+            log.write(f"---- start {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(proc.cmd)}\n".encode())
+            log.flush()
+            proc.popen = subprocess.Popen(proc.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          cwd=str(REPO_ROOT), env=self._env(), start_new_session=True)
+        proc.pid = proc.popen.pid
+        if self._started:
+            self._write_state(self._status)  # a launcher killed mid-start still leaves its PIDs
+        return proc
+
+    def stop_process(self, name: str, sig: int = signal.SIGTERM, *, wait: bool = True,
+                     timeout: float | None = None) -> int | None:
+        """Signal one process by PID; with wait (SIGTERM/SIGINT/SIGKILL) wait for it, SIGKILL after
+        `timeout`. Returns its exit status (None when not waited or not ours)."""
+        proc = self.processes[name]
+        pid = proc.current_pid()
+        if pid is None or not proc.running():
+            return proc.exit_status()
+        _signal(pid, sig)
+        if not wait or sig not in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL):
+            return None
+        timeout = self.stop_timeout if timeout is None else timeout
+        if proc.popen is not None:
+            try:
+                return proc.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+                return proc.popen.wait(5.0)
+        stop_pids([pid], timeout)
+        return None
+
+    def wait_serving(self, name: str, timeout: float = 60.0) -> None:
+        """Block until `name` answers SERVING (Redis: PING); ClusterError when it exits or times out."""
+        self._wait_all_serving(time.monotonic() + timeout, [name], quiet=True)
+
+    def _wait_all_serving(self, deadline: float, names: list[str] | None = None, quiet: bool = False) -> None:
+        waiting = [n for n in (names or list(self.processes))]
+        channels = {n: grpc.insecure_channel(self.processes[n].endpoint) for n in waiting if n != "redis"}
+        last: dict[str, str] = {}
+        try:
+            while waiting:
+                for name in list(waiting):
+                    proc = self.processes[name]
+                    if not proc.running():
+                        status = proc.exit_status()
+                        raise ClusterError(
+                            f"{proc.label} ({name}) exited with status {status} before serving; "
+                            f"last lines of {proc.log_path}:\n{log_tail(proc.log_path)}")
+                    if name == "redis":
+                        state = "SERVING" if _redis_ping(proc.port) else "UNREACHABLE"
+                    else:
+                        state = health_status(proc.endpoint, timeout=0.3, channel=channels[name])
+                    last[name] = state
+                    if state == "SERVING":
+                        waiting.remove(name)
+                        if not quiet:
+                            where = self.redis_url if name == "redis" else proc.endpoint
+                            self.progress(f"{proc.label} serving at {where} (pid {proc.current_pid()})")
+                if waiting and time.monotonic() > deadline:
+                    culprit = self.processes[waiting[0]]
+                    raise ClusterError(
+                        f"{culprit.label} ({culprit.name}) not serving in time (health: {last.get(waiting[0])}); "
+                        f"also waiting on: {', '.join(waiting[1:]) or 'nothing else'}; last lines of "
+                        f"{culprit.log_path}:\n{log_tail(culprit.log_path)}")
+                if waiting:
+                    time.sleep(0.1)
+        finally:
+            for channel in channels.values():
+                channel.close()
+
+    def wait_ready(self, timeout: float = 60.0) -> dict:
+        """Block until the router lists every replica serving and a plan with no missing expert."""
+        from services.client import ClientError, RouterClient
+
+        want = {"expert": self.shards * self.replicas, "attention": self.attention_workers, "gateway": 1}
+        deadline = time.monotonic() + timeout
+        seen: dict = {}
+        with RouterClient(self.router_endpoint, timeout=2.0) as router:
+            while True:
+                try:
+                    status = router.cluster_status()
+                except ClientError as err:
+                    seen = {"error": str(err)}
+                else:
+                    counts = {k: sum(r.kind == k and r.state == "serving" for r in status.replicas) for k in want}
+                    seen = {"registered": counts, "missing": len(status.missing), "plan_version": status.plan_version}
+                    if counts == want and not status.missing and status.plan_version > 0:
+                        self.progress(f"plan version {status.plan_version}: every expert served")
+                        return seen
+                for proc in self.processes.values():
+                    if not proc.running():
+                        raise ClusterError(f"{proc.label} ({proc.name}) exited with status {proc.exit_status()}; "
+                                           f"last lines of {proc.log_path}:\n{log_tail(proc.log_path)}")
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"cluster not ready after {timeout:.0f}s: want {want}, router says {seen}")
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Stop every process (SIGTERM all services, wait, SIGKILL stragglers, then Redis)."""
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None  # a 2nd Ctrl-C must not strand any
+        try:
+            self._stop_all()
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
+
+    def _stop_all(self) -> None:
+        for kinds in (STOP_ORDER[:-1], ("redis",)):
+            procs = [p for p in self.processes.values() if p.kind in kinds and p.running()]
+            for proc in procs:
+                _signal(proc.current_pid(), signal.SIGTERM)
+            deadline = time.monotonic() + self.stop_timeout
+            for proc in procs:
+                if proc.popen is not None:
+                    try:
+                        proc.popen.wait(max(0.0, deadline - time.monotonic()))
+                    except subprocess.TimeoutExpired:
+                        self.progress(f"{proc.label} ({proc.name}) did not stop in time; killing pid {proc.popen.pid}")
+                        proc.popen.kill()
+                        proc.popen.wait(5.0)
+                elif pid_belongs_to(proc.pid, self.cluster, proc.kind, proc.port):
+                    stop_pids([proc.pid], max(0.0, deadline - time.monotonic()))
+        state = self.run_dir / STATE_FILE
+        if not self.detached and state.exists():
+            try:
+                if json.loads(state.read_text()).get("cluster") == self.cluster:
+                    state.unlink()
+            except (OSError, ValueError):
+                pass
+
+    def detach(self) -> Path:
+        """Leave the processes running after this object goes away; returns the cluster.json path."""
+        self.detached = True
+        atexit.unregister(self._atexit)
+        return self._write_state("ready")
+
+    def _atexit(self) -> None:
+        if not self.detached:
+            self.stop()
+
+    def __enter__(self) -> "LocalCluster":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.detached:
+            self.stop()
+            atexit.unregister(self._atexit)
+
+    # ---- state file -------------------------------------------------------------------------
+    def state(self, status: str = "ready") -> dict:
+        return {
+            "cluster": self.cluster, "status": status, "model": str(self.model_dir), "run_dir": str(self.run_dir),
+            "redis_url": self.redis_url, "gateway_endpoint": self.gateway_endpoint,
+            "router_endpoint": self.router_endpoint, "launcher_pid": os.getpid(), "shards": self.shards,
+            "replicas": self.replicas, "attention_workers": self.attention_workers, "planes": self.planes,
+            "transport": self.transport, "processes": {n: p.to_json() for n, p in self.processes.items()},
+        }
+
+    def _write_state(self, status: str) -> Path:
+        path = self.run_dir / STATE_FILE
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.state(status), indent=2) + "\n")
+        tmp.replace(path)
+        return path
+
+
+def read_state(run_dir: str | os.PathLike) -> dict:
+    """The cluster.json of `run_dir`; ClusterError when there is none."""
+    path = Path(run_dir) / STATE_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ClusterError(f"no cluster in {run_dir} ({path} not found); start one with `moe up --detach`") from None
+    except ValueError as err:
+        raise ClusterError(f"{path} is not valid JSON: {err}") from None
+
+
+def stop_from_state(run_dir: str | os.PathLike, timeout: float = DEFAULT_STOP_TIMEOUT_S,
+                    progress: Callable[[str], None] | None = None) -> dict:
+    """`moe down`: stop the processes listed in run_dir/cluster.json by PID, then remove the file."""
+    progress = progress or (lambda line: None)
+    state = read_state(run_dir)
+    cluster = state["cluster"]
+    procs = state.get("processes", {})
+    for kinds in (STOP_ORDER[:-1], ("redis",)):
+        live = {name: p["pid"] for name, p in procs.items()
+                if p.get("kind") in kinds and p.get("pid") and pid_alive(p["pid"])
+                and pid_belongs_to(p["pid"], cluster, p["kind"], p.get("port", 0))}
+        killed = stop_pids(live.values(), timeout)
+        for name, pid in live.items():
+            progress(f"{name} stopped (pid {pid}{', killed' if pid in killed else ''})")
+    (Path(run_dir) / STATE_FILE).unlink(missing_ok=True)
+    return state

@@ -1,0 +1,179 @@
+"""End to end: a real local cluster (Redis, router, expert shards, attention workers, gateway as
+separate processes on loopback) against transformers and the in-process generator."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+
+from model.checkpoint import load_model
+from model.generate import Engine, GenerationRequest, SamplingParams
+from moe.v1 import inference_pb2, inference_pb2_grpc
+from services.client import Client, ClientError
+from services.common import redis_store
+from services.launcher.cluster import LocalCluster
+
+pytestmark = pytest.mark.cluster
+
+PROMPTS = [[(7 * i + 3 * j) % 300 + 1 for j in range(2 + (5 * i) % 11)] for i in range(16)]
+LENGTHS = [4 + (3 * i) % 13 for i in range(16)]
+
+
+@pytest.fixture(scope="module")
+def reference(v3_checkpoint):
+    """Greedy tokens and logprobs of the in-process generator (checked against transformers below)."""
+    path, _ = v3_checkpoint
+    engine = Engine(load_model(path), cache_tokens=4096, max_batch=16)
+    seqs = engine.generate([GenerationRequest(tuple(p), n) for p, n in zip(PROMPTS, LENGTHS)])
+    return [(s.tokens, s.logprobs) for s in seqs]
+
+
+@pytest.fixture(scope="module", params=["grpc"])
+def cluster(request, v3_checkpoint, tmp_path_factory):
+    path, _ = v3_checkpoint
+    with LocalCluster(
+        path, shards=2, replicas=2, attention_workers=2, planes=2, transport=request.param,
+        dispatch_dtype="fp32", run_dir=tmp_path_factory.mktemp("cluster"),
+    ) as running:
+        yield running
+
+
+def run_concurrently(client: Client, jobs: list[dict], stagger_s: float = 0.02) -> list:
+    """Start each job on its own thread, a little after the previous one, so requests join a
+    running batch at different times."""
+    results: list = [None] * len(jobs)
+
+    def work(i: int) -> None:
+        try:
+            results[i] = client.generate(**jobs[i])
+        except ClientError as err:
+            results[i] = err
+
+    threads = []
+    for i in range(len(jobs)):
+        threads.append(threading.Thread(target=work, args=(i,)))
+        threads[-1].start()
+        time.sleep(stagger_s)
+    for t in threads:
+        t.join(timeout=120)
+    return results
+
+
+def greedy_jobs() -> list[dict]:
+    return [dict(prompt_ids=p, max_new_tokens=n, ignore_eos=True) for p, n in zip(PROMPTS, LENGTHS)]
+
+
+def test_sixteen_concurrent_streams_match_transformers_and_in_process_logprobs(cluster, reference, v3_checkpoint):
+    _, hf = v3_checkpoint
+    results = run_concurrently(Client(cluster.gateway_endpoint, timeout=120), greedy_jobs())
+    for prompt, n, result, (tokens, logprobs) in zip(PROMPTS, LENGTHS, results, reference):
+        assert not isinstance(result, Exception), result
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert result.tokens == expected[0, len(prompt) :].tolist() == tokens
+        assert max(abs(a - b) for a, b in zip(result.logprobs, logprobs)) <= 1e-4
+        assert result.finish_reason == "length" and result.usage["generated_tokens"] == n
+
+
+def test_seeded_sampling_gives_the_same_tokens_in_and_out_of_the_cluster(cluster, v3_checkpoint):
+    path, _ = v3_checkpoint
+    sampling = dict(temperature=0.9, top_p=0.95, top_k=40, seed=2024)
+    result = Client(cluster.gateway_endpoint, timeout=60).generate(prompt_ids=[5, 6, 7], max_new_tokens=12, ignore_eos=True, **sampling)
+    (local,) = Engine(load_model(path), 512).generate(
+        [GenerationRequest((5, 6, 7), 12, SamplingParams(sampling["temperature"], sampling["top_p"], sampling["top_k"], sampling["seed"]))]
+    )
+    assert result.tokens == local.tokens
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompt_ids=[1, 999999], max_new_tokens=4), "outside the vocabulary"),
+        (dict(prompt_ids=[], max_new_tokens=4), "prompt"),
+        (dict(prompt_ids=[1, 2], max_new_tokens=100000), "context limit"),
+        (dict(prompt_ids=[1, 2], max_new_tokens=4, temperature=-0.5), "temperature"),
+        (dict(prompt_ids=[1, 2], max_new_tokens=4, top_p=1.5), "top_p"),
+        (dict(prompt_ids=[1, 2], max_new_tokens=4, top_p=0.0), "top_p"),
+        (dict(prompt_ids=[1, 2] * 200, max_new_tokens=4), "context limit"),
+    ],
+)
+def test_bad_requests_get_invalid_argument_and_the_cluster_keeps_serving(cluster, kwargs, message):
+    client = Client(cluster.gateway_endpoint, timeout=30)
+    with pytest.raises(ClientError) as info:
+        client.generate(**kwargs)
+    assert info.value.code == "INVALID_ARGUMENT" and message in info.value.message
+    assert len(client.generate(prompt_ids=[1, 2, 3], max_new_tokens=3, ignore_eos=True).tokens) == 3
+
+
+def test_negative_max_new_tokens_reaches_the_server_as_invalid_argument(cluster):
+    channel = grpc.insecure_channel(cluster.gateway_endpoint)
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    request = inference_pb2.GenerateRequest(prompt_ids=inference_pb2.TokenIds(ids=[1, 2]), max_new_tokens=-3)
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(request, timeout=30))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_new_tokens" in info.value.details()
+
+
+def test_replica_killed_mid_request_is_retried_elsewhere_with_the_same_tokens(cluster, reference):
+    client = Client(cluster.gateway_endpoint, timeout=120)
+    jobs = greedy_jobs()[:8]
+    victim = cluster.names("expert")[0]
+    outcome: dict = {}
+    worker = threading.Thread(target=lambda: outcome.setdefault("results", run_concurrently(client, jobs, 0.01)))
+    worker.start()
+    time.sleep(0.3)
+    cluster.stop_process(victim, signal.SIGKILL)
+    worker.join(timeout=180)
+    for result, (tokens, _) in zip(outcome["results"], reference[:8]):
+        assert not isinstance(result, Exception), result
+        assert result.tokens == tokens
+    cluster.start_process(victim)
+    cluster.wait_serving(victim)
+
+
+def test_all_replicas_of_a_shard_gone_fails_fast_naming_the_experts_then_recovers(cluster, reference):
+    client = Client(cluster.gateway_endpoint, timeout=60)
+    shard = cluster.processes[cluster.names("expert")[0]].shard
+    replicas = [name for name in cluster.names("expert") if cluster.processes[name].shard == shard]
+    for name in replicas:
+        cluster.stop_process(name, signal.SIGKILL)
+    started = time.monotonic()
+    with pytest.raises(ClientError) as info:
+        client.generate(prompt_ids=PROMPTS[0], max_new_tokens=LENGTHS[0], ignore_eos=True, timeout=30)
+    assert info.value.code == "UNAVAILABLE" and "expert" in info.value.message
+    assert time.monotonic() - started < 30
+    for name in replicas:
+        cluster.start_process(name)
+    for name in replicas:
+        cluster.wait_serving(name)
+    deadline = time.monotonic() + 30
+    while True:  # the router republishes the plan within a poll period or two
+        try:
+            result = client.generate(prompt_ids=PROMPTS[0], max_new_tokens=LENGTHS[0], ignore_eos=True)
+            break
+        except ClientError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    assert result.tokens == reference[0][0]
+
+
+def test_redis_stopped_mid_run_generation_continues_on_the_cached_plan(cluster, reference):
+    client = Client(cluster.gateway_endpoint, timeout=60)
+    cluster.stop_process("redis", signal.SIGKILL)
+    try:
+        result = client.generate(prompt_ids=PROMPTS[1], max_new_tokens=LENGTHS[1], ignore_eos=True)
+        assert result.tokens == reference[1][0]
+    finally:
+        cluster.start_process("redis")
+        cluster.wait_serving("redis")
+    deadline = time.monotonic() + 30
+    store, keys = redis_store.connect(cluster.redis_url), redis_store.Keys(cluster.cluster)
+    while len(redis_store.list_replicas(store, keys, "expert")) < len(cluster.names("expert")):
+        # heartbeats re-register every replica into the empty Redis
+        assert time.monotonic() < deadline, "replicas did not re-register after Redis returned"
+        time.sleep(0.2)
