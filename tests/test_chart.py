@@ -16,6 +16,8 @@ from pathlib import Path
 
 import kubernetes_validate
 import pytest
+
+from services.autoscaler.policy import parse_targets
 import yaml
 
 from helm_tools import CHART, KUBE_VERSION, Helm, HelmUnavailable, ensure_helm
@@ -207,6 +209,9 @@ def test_autoscaler_role_may_only_read_and_scale_this_releases_shard_deployments
     env = env_of(autoscaler["containers"][0])
     assert env["MOE_AUTOSCALER_ACTUATOR"] == "kubernetes"
     assert env["MOE_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    targets = parse_targets(env["MOE_AUTOSCALER_TARGETS"])  # the autoscaler's own parser accepts it
+    assert sorted(t.deployment for t in targets) == shard_deps
+    assert all(1 <= t.min_replicas <= t.max_replicas for t in targets)
     for name, tpl in pod_templates(objs):  # nobody else gets an API token
         if name != "demo-moe-runtime-autoscaler":
             assert tpl["spec"]["automountServiceAccountToken"] is False, name

@@ -274,3 +274,16 @@ metricsIngress: one NetworkPolicy ingress rule for the /metrics port, only when 
       protocol: TCP
 {{- end }}
 {{- end }}
+
+{{/*
+Autoscaler targets (MOE_AUTOSCALER_TARGETS): one entry per expert shard, the JSON format
+services/autoscaler reads, so the decider scales exactly the Deployments this chart made.
+*/}}
+{{- define "moe-runtime.autoscalerTargets" -}}
+{{- $targets := list }}
+{{- range .Values.expertShards }}
+{{- $deployment := include "moe-runtime.expertDeploymentName" (dict "ctx" $ "shard" .) }}
+{{- $targets = append $targets (dict "shard" .name "experts" (toString .experts) "deployment" $deployment "minReplicas" (.minReplicas | int) "maxReplicas" (.maxReplicas | int)) }}
+{{- end }}
+{{- toJson $targets }}
+{{- end }}
