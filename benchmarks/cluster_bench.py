@@ -1,0 +1,141 @@
+"""Cluster decode throughput: a local cluster (separate processes over loopback gRPC), the
+in-process generator and transformers' generate(), on the same checkpoint in one run.
+
+Each side runs B concurrent greedy requests for N and for 2N new tokens; (time(2N) - time(N)) / N
+is the decode time per step with prefill and start-up cancelled out. The cluster's step is split
+into attention (local compute on the worker), dispatch wait (the worker blocked on expert
+replies) and expert compute (the shards' merged per-layer computations), read from the services'
+Prometheus metrics over the same window.
+
+    python benchmarks/cluster_bench.py [--batches 1,16,64] [--steps 16] [--dispatch-dtype fp32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from checkpoints import make_checkpoint  # noqa: E402
+from decode_bench import BENCH_CONFIG, PROMPT_LEN, time_ours, time_transformers  # noqa: E402
+from model.checkpoint import load_model  # noqa: E402
+from services.client import Client  # noqa: E402
+from services.launcher.cluster import LocalCluster  # noqa: E402
+
+
+def prompts(batch: int) -> list[list[int]]:
+    return [[(i * 7 + j) % 8000 for j in range(PROMPT_LEN)] for i in range(batch)]
+
+
+def time_cluster(client: Client, batch: int, new_tokens: int) -> float:
+    errors: list[Exception] = []
+
+    def one(prompt: list[int]) -> None:
+        try:
+            client.generate(prompt_ids=prompt, max_new_tokens=new_tokens, ignore_eos=True)
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=one, args=(p,)) for p in prompts(batch)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} cluster requests failed, first: {errors[0]}")
+    return time.perf_counter() - start
+
+
+def scrape(port: int, names: tuple[str, ...]) -> dict[str, float]:
+    """Sum the Prometheus samples whose name (with labels) starts with one of `names`."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    totals = dict.fromkeys(names, 0.0)
+    for line in text.splitlines():
+        for name in names:
+            if line.startswith(name):
+                totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+SPLIT = {
+    "attention": 'moe_attention_step_seconds_sum{phase="local_compute"}',
+    "dispatch wait": 'moe_attention_step_seconds_sum{phase="dispatch_wait"}',
+    "steps": 'moe_attention_step_seconds_count{phase="total"}',
+}
+EXPERT = "moe_expert_compute_seconds_sum"
+
+
+def split_snapshot(cluster: LocalCluster) -> dict[str, float]:
+    snap = {}
+    for name in cluster.names("attention"):
+        for key, value in scrape(cluster.processes[name].metrics_port, tuple(SPLIT.values())).items():
+            snap[key] = snap.get(key, 0.0) + value
+    snap[EXPERT] = sum(scrape(cluster.processes[n].metrics_port, (EXPERT,))[EXPERT] for n in cluster.names("expert"))
+    return snap
+
+
+def per_step(timer, target, batch: int, steps: int, repeats: int) -> float:
+    timer(target, batch, 2)  # warm-up
+    short = min(timer(target, batch, steps) for _ in range(repeats))
+    long = min(timer(target, batch, 2 * steps) for _ in range(repeats))
+    return (long - short) / steps
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", default="1,16,64")
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dispatch-dtype", default="fp32", choices=["fp32", "bf16", "fp8"])
+    parser.add_argument("--transport", default="grpc", choices=["grpc", "ucx"])
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "model"
+        hf = make_checkpoint(model_dir, "v3", seed=0, **BENCH_CONFIG)
+        ours = load_model(model_dir)
+        hf.eval()
+        with LocalCluster(
+            model_dir, shards=2, replicas=1, attention_workers=1, planes=1, transport=args.transport,
+            dispatch_dtype=args.dispatch_dtype, run_dir=Path(tmp) / "run",
+            extra_args={"attention": ["--max-batch", str(max(batches)), "--kv-cache-tokens", "65536"]},
+        ) as cluster:
+            client = Client(cluster.gateway_endpoint, timeout=600)
+            print(f"model: {sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M parameters, fp32; prompt {PROMPT_LEN}; "
+                  f"cluster: 1 attention worker, 2 expert shards, {args.transport} dispatch in {args.dispatch_dtype}")
+            header = (f"{'batch':>5} {'cluster tok/s':>14} {'in-process tok/s':>17} {'transformers tok/s':>19} "
+                      f"{'cluster/in-process':>19} {'cluster/transformers':>21}")
+            print(header)
+            splits = []
+            for batch in batches:
+                before = split_snapshot(cluster)
+                clustered = per_step(time_cluster, client, batch, args.steps, args.repeats)
+                after = split_snapshot(cluster)
+                local = per_step(time_ours, ours, batch, args.steps, args.repeats)
+                theirs = per_step(time_transformers, hf, batch, args.steps, args.repeats)
+                print(f"{batch:>5} {batch / clustered:>14.0f} {batch / local:>17.0f} {batch / theirs:>19.0f} "
+                      f"{local / clustered:>18.2f}x {theirs / clustered:>20.2f}x")
+                splits.append((batch, {k: after[k] - before[k] for k in after}))
+    print("\nwhere a cluster decode step goes (mean per engine step, all requests of the run above):")
+    print(f"{'batch':>5} {'attention ms':>13} {'dispatch wait ms':>17} {'expert compute ms':>18}")
+    for batch, delta in splits:
+        steps = max(delta[SPLIT["steps"]], 1.0)
+        print(f"{batch:>5} {delta[SPLIT['attention']] / steps * 1e3:>13.2f} "
+              f"{delta[SPLIT['dispatch wait']] / steps * 1e3:>17.2f} {delta[EXPERT] / steps * 1e3:>18.2f}")
+    print("(expert compute runs inside the dispatch wait; the rest of the wait is transport and queueing)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
