@@ -1,0 +1,424 @@
+"""UCX vs gRPC vs memcpy on one machine, plus dispatch bytes on the wire per token.
+
+    .venv/bin/python benchmarks/transport_bench.py            # everything (a few minutes)
+    .venv/bin/python benchmarks/transport_bench.py --quick    # fewer iterations and UCX variants
+
+For message sizes 4 KiB .. 16 MiB, between two processes on this machine:
+  one-way bandwidth  k messages streamed, one ack at the end        (GB/s)
+  round trip         send N bytes, get the same N back, per message  (median microseconds)
+for: raw UCX tag messages (ucxx, endpoint from a listener; then the variants below), our UCX
+expert path (UcxExpertClient frames against serve_ucx, echo compute, fp32), a gRPC
+bidirectional stream with bytes payloads (benchmark-only generic handler, no protos), and
+torch copy_ of the same bytes in one process as the ceiling.
+
+UCX variants (each a fresh client/server process pair, since UCX reads its settings at start):
+progress UCXPY_PROGRESS_MODE = thread (with UCXPY_ENABLE_PYTHON_FUTURE=1: ours) | thread or
+blocking with UCXX's re-polling wait | polling; UCXPY_ENABLE_DELAYED_SUBMISSION=0; rendezvous
+threshold UCX_RNDV_THRESH = ucxx's 8 KiB vs 1 MiB; an endpoint created from the server's worker
+address instead of the listener. Each also reports the CPU one process burns per second while
+it only waits on a posted receive (what an idle worker or shard pays per process).
+
+Where copies happen: gRPC needs a Python `bytes` per message (one copy from the tensor, made
+once here outside the timing, but paid on every real call) plus its own serialisation buffers;
+UCX sends from and receives into the numpy views of preallocated buffers, so the only copies
+are the kernel's socket copies (TCP is the only inter-process transport UCX finds here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from services.transport import fp8  # noqa: E402
+
+SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20]
+SINK, ECHO, STOP, IDLE = 1, 2, 3, 4
+IDLE_S = 1.0
+READY_DEADLINE_S = 60.0
+EXPERT_HIDDEN = 1024          # expert-path rows: tokens = bytes / (1024 * 4)
+V3 = {"name": "DeepSeek-V3", "hidden": 7168, "topk": 8}
+TINY = {"name": "tiny test", "hidden": 64, "topk": 3}
+
+
+def iterations(size: int, quick: bool) -> tuple[int, int]:
+    """(messages for bandwidth, round trips for latency) at `size` bytes."""
+    streamed = max(4, min(200, (64 << 20) // size))
+    trips = max(5, min(300, (16 << 20) // size))
+    return (max(4, streamed // 4), max(5, trips // 4)) if quick else (streamed, trips)
+
+
+# ---- UCX raw: server and client (separate processes) ----------------------------------------
+async def _ucx_serve_endpoint(ucxx, ep, by_address: bool) -> None:
+    control = np.zeros(3, np.int64)                         # (mode, size, count)
+    if by_address:  # swap worker addresses over the listener endpoint, then use those endpoints
+        size = np.zeros(1, np.int64)
+        await ep.recv(size)
+        peer = np.empty(int(size[0]), np.uint8)
+        await ep.recv(peer)
+        mine = np.frombuffer(bytes(ucxx.get_worker_address()), np.uint8)
+        await ep.send(np.array([mine.size], np.int64))
+        await ep.send(mine)
+        data_ep = await ucxx.create_endpoint_from_worker_address(ucxx.get_ucx_address_from_buffer(peer.tobytes()))
+        send = lambda buf: data_ep.send(buf, tag=2, force_tag=True)   # noqa: E731
+        recv = lambda buf: ucxx.recv(buf, tag=1)                      # noqa: E731
+    else:
+        send, recv = ep.send, ep.recv
+    while True:
+        await recv(control)
+        mode, size, count = (int(v) for v in control)
+        if mode == STOP:
+            return
+        if mode == IDLE:  # keep the client waiting on a posted receive for `count` ms
+            await asyncio.sleep(count / 1000)
+            await send(np.array([count], np.int64))
+            continue
+        buf = np.empty(size, np.uint8)
+        for _ in range(count):
+            await recv(buf)
+            if mode == ECHO:
+                await send(buf)
+        if mode == SINK:
+            await send(np.array([count], np.int64))
+
+
+async def _ucx_client(port: int, sizes: list[int], quick: bool, by_address: bool) -> dict:
+    import ucxx
+
+    ep = await ucxx.create_endpoint("127.0.0.1", port)
+    if by_address:
+        mine = np.frombuffer(bytes(ucxx.get_worker_address()), np.uint8)
+        await ep.send(np.array([mine.size], np.int64))
+        await ep.send(mine)
+        size = np.zeros(1, np.int64)
+        await ep.recv(size)
+        peer = np.empty(int(size[0]), np.uint8)
+        await ep.recv(peer)
+        data_ep = await ucxx.create_endpoint_from_worker_address(ucxx.get_ucx_address_from_buffer(peer.tobytes()))
+        send = lambda buf: data_ep.send(buf, tag=1, force_tag=True)   # noqa: E731
+        recv = lambda buf: ucxx.recv(buf, tag=2)                      # noqa: E731
+    else:
+        send, recv = ep.send, ep.recv
+    rows = {}
+    for size in sizes:
+        streamed, trips = iterations(size, quick)
+        out, back, ack = np.ones(size, np.uint8), np.empty(size, np.uint8), np.empty(1, np.int64)
+        await send(np.array([SINK, size, streamed], np.int64))
+        start = time.perf_counter()
+        for first in range(0, streamed, 4):   # four in flight: enough to keep TCP busy
+            await asyncio.gather(*(send(out) for _ in range(min(4, streamed - first))))
+        await recv(ack)
+        bandwidth = streamed * size / (time.perf_counter() - start)
+        await send(np.array([ECHO, size, trips], np.int64))
+        rtts = []
+        for _ in range(trips):
+            start = time.perf_counter()
+            await send(out)
+            await recv(back)
+            rtts.append(time.perf_counter() - start)
+        rows[size] = (bandwidth, statistics.median(rtts))
+    ack = np.empty(1, np.int64)
+    await send(np.array([IDLE, 0, int(IDLE_S * 1000)], np.int64))
+    cpu, wall = time.process_time(), time.perf_counter()
+    await recv(ack)
+    rows["idle_cpu"] = (time.process_time() - cpu) / (time.perf_counter() - wall)
+    await send(np.array([STOP, 0, 0], np.int64))
+    ucxx.stop_notifier_thread()   # not a daemon thread: it would keep this process alive
+    return rows
+
+
+def serve_ucx_raw(by_address: bool) -> None:
+    import ucxx
+
+    async def serve_endpoint(ep):   # UCXX awaits its callback only when it is a coroutine function
+        await _ucx_serve_endpoint(ucxx, ep, by_address)
+
+    async def main():
+        listener = ucxx.create_listener(serve_endpoint, 0)
+        print(f"READY {listener.port}", flush=True)
+        await asyncio.Event().wait()
+    asyncio.run(main())
+
+
+def serve_ucx_expert() -> None:
+    from services.transport.ucx_transport import serve_ucx
+
+    server = serve_ucx(0, lambda batch: batch.hidden)     # echo: isolates the transport
+    print(f"READY {server.port}", flush=True)
+    threading.Event().wait()
+
+
+def client_ucx_expert(port: int, sizes: list[int], quick: bool) -> dict:
+    from services.transport.base import ExpertBatch
+    from services.transport.ucx_transport import UcxTransport
+
+    class Replica:
+        id, endpoints = "bench", {"ucx": f"127.0.0.1:{port}"}
+
+    client = UcxTransport("fp32").connect(Replica())
+    rows = {}
+    for size in sizes:
+        streamed, trips = iterations(size, quick)
+        tokens = max(1, size // (EXPERT_HIDDEN * 4))
+        batch = ExpertBatch(1, torch.ones(tokens, EXPERT_HIDDEN), torch.zeros(tokens, 8, dtype=torch.int32),
+                            torch.ones(tokens, 8))
+        client.submit(batch, 60).result()                  # connect / warm up
+        start = time.perf_counter()
+        for first in range(0, streamed, 4):
+            for f in [client.submit(batch, 60) for _ in range(min(4, streamed - first))]:
+                f.result()
+        bandwidth = 2 * streamed * tokens * EXPERT_HIDDEN * 4 / (time.perf_counter() - start)  # both ways
+        rtts = []
+        for _ in range(trips):
+            start = time.perf_counter()
+            client.submit(batch, 60).result()
+            rtts.append(time.perf_counter() - start)
+        rows[size] = (bandwidth, statistics.median(rtts))
+    client.close()
+    return rows
+
+
+# ---- gRPC: benchmark-only bytes servicer ----------------------------------------------------
+def _grpc_handler():
+    import grpc
+
+    def echo(requests, context):
+        yield from requests
+
+    def sink(requests, context):
+        count = sum(1 for _ in requests)
+        yield count.to_bytes(8, "little")
+
+    identity = dict(request_deserializer=None, response_serializer=None)
+    return grpc.method_handlers_generic_handler("bench.Bytes", {
+        "Echo": grpc.stream_stream_rpc_method_handler(echo, **identity),
+        "Sink": grpc.stream_stream_rpc_method_handler(sink, **identity),
+    })
+
+
+GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+
+
+def serve_grpc() -> None:
+    from concurrent import futures
+
+    import grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(4), options=GRPC_OPTIONS)
+    server.add_generic_rpc_handlers((_grpc_handler(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(f"READY {port}", flush=True)
+    server.wait_for_termination()
+
+
+def client_grpc(port: int, sizes: list[int], quick: bool) -> dict:
+    import queue
+
+    import grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS)
+    echo = channel.stream_stream("/bench.Bytes/Echo")
+    sink = channel.stream_stream("/bench.Bytes/Sink")
+    rows = {}
+    for size in sizes:
+        streamed, trips = iterations(size, quick)
+        payload = torch.ones(size, dtype=torch.uint8).numpy().tobytes()   # the copy every real call pays
+        start = time.perf_counter()
+        list(sink(iter([payload] * streamed)))
+        bandwidth = streamed * size / (time.perf_counter() - start)
+        outbox: queue.SimpleQueue = queue.SimpleQueue()
+        replies = echo(iter(outbox.get, None))
+        rtts = []
+        for _ in range(trips):
+            start = time.perf_counter()
+            outbox.put(payload)
+            next(replies)
+            rtts.append(time.perf_counter() - start)
+        outbox.put(None)
+        rows[size] = (bandwidth, statistics.median(rtts))
+    channel.close()
+    return rows
+
+
+def memcpy_rows(sizes: list[int], quick: bool) -> dict:
+    rows = {}
+    for size in sizes:
+        streamed, trips = iterations(size, quick)
+        src, dst = torch.ones(size, dtype=torch.uint8), torch.empty(size, dtype=torch.uint8)
+        dst.copy_(src)
+        start = time.perf_counter()
+        for _ in range(streamed):
+            dst.copy_(src)
+        bandwidth = streamed * size / (time.perf_counter() - start)
+        rtts = []
+        for _ in range(trips):
+            start = time.perf_counter()
+            dst.copy_(src)
+            src.copy_(dst)
+            rtts.append(time.perf_counter() - start)
+        rows[size] = (bandwidth, statistics.median(rtts))
+    return rows
+
+
+# ---- orchestration -------------------------------------------------------------------------
+def _start_server(role: str, env: dict) -> tuple[subprocess.Popen, int]:
+    process = subprocess.Popen([sys.executable, __file__, "--role", role], stdout=subprocess.PIPE,
+                               env={**os.environ, **env}, text=True)
+    deadline = time.monotonic() + READY_DEADLINE_S
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([process.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        line = process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{role} server exited (rc {process.wait()}) before it was ready")
+        if line.startswith("READY "):
+            return process, int(line.split()[1])
+    _stop(process)
+    raise RuntimeError(f"{role} server not ready within {READY_DEADLINE_S}s")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGKILL)
+    process.wait(10)
+
+
+def _measure(server_role: str, client_role: str, env: dict, quick: bool) -> dict:
+    server, port = _start_server(server_role, env)
+    try:
+        done = subprocess.run([sys.executable, __file__, "--role", client_role, "--port", str(port)]
+                              + (["--quick"] if quick else []), env={**os.environ, **env},
+                              capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"{client_role} failed: {done.stderr[-2000:]}")
+        raw = json.loads(done.stdout.strip().splitlines()[-1])
+        return {(int(k) if k.isdigit() else k): (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()}
+    finally:
+        _stop(server)
+
+
+def _kib(size: int) -> str:
+    return f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
+
+
+def print_table(results: dict[str, dict], reference: str, peer: str) -> None:
+    names = list(results)
+    print(f"\n{'size':>8} | " + " | ".join(f"{n[:22]:>22}" for n in names))
+    for what, index, unit in (("one-way GB/s", 0, 1e-9), ("round trip us", 1, 1e6)):
+        print(f"-- {what}")
+        for size in SIZES:
+            cells = [results[n].get(size, (float("nan"),) * 2)[index] * unit for n in names]
+            print(f"{_kib(size):>8} | " + " | ".join(f"{c:>22.3f}" for c in cells))
+    idle = {n: r["idle_cpu"] for n, r in results.items() if "idle_cpu" in r}
+    print("-- CPU-seconds per second while waiting on a posted receive: "
+          + ", ".join(f"{n}: {v:.2f}" for n, v in idle.items()))
+    print(f"\n-- {reference} / {peer} (bandwidth ratio, >1 = {reference} faster; latency ratio, <1 = lower)")
+    for size in SIZES:
+        ref, other = results[reference][size], results[peer][size]
+        print(f"{_kib(size):>8}   bandwidth x{ref[0] / other[0]:.2f}   round trip x{ref[1] / other[1]:.2f}")
+
+
+def print_wire_bytes() -> None:
+    print("\n-- bytes on the wire per token per MoE layer (dispatch to one replica, reply from it; a token "
+          "reaches at most top-k replicas)")
+    print(f"{'model':>12} {'dtype':>5} | {'activations':>11} {'+ids,weights':>12} | {'combine':>7} | "
+          f"{'act. vs fp32':>12} {'dispatch vs fp32':>16} | {'x top-k replicas':>16}")
+    for model in (V3, TINY):
+        hidden, topk = model["hidden"], model["topk"]
+        base_act = fp8.hidden_bytes_per_token(hidden, "fp32")
+        base_msg = fp8.dispatch_bytes_per_token(hidden, topk, "fp32")
+        for dtype in ("fp32", "bf16", "fp8"):
+            act = fp8.hidden_bytes_per_token(hidden, dtype)
+            msg = fp8.dispatch_bytes_per_token(hidden, topk, dtype)
+            back = fp8.combine_bytes_per_token(hidden, dtype)
+            print(f"{model['name']:>12} {dtype:>5} | {act:>11} {msg:>12} | {back:>7} | {act / base_act:>12.3f} "
+                  f"{msg / base_msg:>16.3f} | {topk * (msg + back):>16}")
+        assert fp8.hidden_bytes_per_token(hidden, "fp8") <= 0.27 * base_act
+
+
+DEFAULT_UCX = {"UCXPY_PROGRESS_MODE": "thread", "UCXPY_ENABLE_PYTHON_FUTURE": "1"}   # ucx_transport's
+UCX_VARIANTS = {   # name -> environment; the first is the reference
+    "ucx thread+futures (ours)": DEFAULT_UCX,
+    "ucx thread, spin wait": {"UCXPY_PROGRESS_MODE": "thread", "UCXPY_ENABLE_PYTHON_FUTURE": "0"},
+    "ucx blocking, spin wait": {"UCXPY_PROGRESS_MODE": "blocking"},
+    "ucx polling": {"UCXPY_PROGRESS_MODE": "polling"},
+    "ucx no delayed submit": {**DEFAULT_UCX, "UCXPY_ENABLE_DELAYED_SUBMISSION": "0"},
+    "ucx RNDV_THRESH=1mb": {**DEFAULT_UCX, "UCX_RNDV_THRESH": "1mb"},
+    "ucx worker-address ep": {**DEFAULT_UCX, "BENCH_BY_ADDRESS": "1"},
+}
+
+
+def orchestrate(quick: bool) -> None:
+    from services.transport.ucx_transport import ucx_available
+
+    ok, version = ucx_available()
+    if not ok:
+        sys.exit(f"transport_bench: {version}")
+    print(f"transport_bench: {version}; torch {torch.__version__}; {os.cpu_count()} CPUs; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    results: dict[str, dict] = {}
+    variants = list(UCX_VARIANTS.items())[:2] if quick else list(UCX_VARIANTS.items())
+    base_env = {"UCX_WARN_UNUSED_ENV_VARS": "n"}
+    for name, env in variants:
+        role = "serve-ucx-address" if env.get("BENCH_BY_ADDRESS") else "serve-ucx"
+        results[name] = _measure(role, "client-ucx", {**base_env, **env}, quick)
+        print(f"measured {name}", flush=True)
+    results["ucx expert frames"] = _measure("serve-ucx-expert", "client-ucx-expert", base_env, quick)
+    if not quick:
+        results["ucx expert, blocking"] = _measure("serve-ucx-expert", "client-ucx-expert",
+                                                   {**base_env, "UCXPY_PROGRESS_MODE": "blocking"}, quick)
+    results["grpc bidi stream"] = _measure("serve-grpc", "client-grpc", {}, quick)
+    results["torch copy_ (ceiling)"] = memcpy_rows(SIZES, quick)
+    print("note: 'ucx expert frames' bandwidth counts both directions (echo); round trip = submit -> result")
+    print_table(results, "ucx thread+futures (ours)", "grpc bidi stream")
+    print_wire_bytes()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--role", default="orchestrate")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    # one intra-op thread everywhere: on a small shared box, OpenMP workers spin-waiting for a
+    # descheduled sibling turned 64 KiB copies into 20 ms stalls
+    torch.set_num_threads(1)
+    by_address = os.environ.get("BENCH_BY_ADDRESS") == "1"
+    if args.role == "orchestrate":
+        orchestrate(args.quick)
+    elif args.role in ("serve-ucx", "serve-ucx-address"):
+        serve_ucx_raw(args.role == "serve-ucx-address")
+    elif args.role == "serve-ucx-expert":
+        serve_ucx_expert()
+    elif args.role == "serve-grpc":
+        serve_grpc()
+    else:
+        clients = {
+            "client-ucx": lambda: asyncio.run(_ucx_client(args.port, SIZES, args.quick, by_address)),
+            "client-ucx-expert": lambda: client_ucx_expert(args.port, SIZES, args.quick),
+            "client-grpc": lambda: client_grpc(args.port, SIZES, args.quick),
+        }
+        print(json.dumps(clients[args.role]()))
+
+
+if __name__ == "__main__":
+    main()

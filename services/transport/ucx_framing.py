@@ -1,0 +1,202 @@
+"""Wire format of the UCX expert path: one head message, then zero or more tail messages.
+
+Every request and reply starts with a *head* message: a fixed 48-byte header followed by as
+many leading sections as fit in INLINE_LIMIT bytes (each 8-byte aligned). Sections that do
+not fit follow, in order, as one tag message each, sent straight from the tensor's memory and
+received straight into a preallocated tensor. Both sides derive the split from the header
+alone, so no length prefix or probe is needed; UCX keeps tag messages of one endpoint in order.
+
+    request sections: expert_ids int32 [T, K], weights float32 [T, K],
+                      scales float32 [T, ceil(H/128)] (fp8 only), hidden wire dtype [T, H]
+    reply sections:   output reply dtype [T, H]          (status OK)
+                      UTF-8 error text, inline only        (status INVALID / UNAVAILABLE / ERROR)
+
+A small decode batch is therefore one message each way (everything inline, below UCX's
+eager/rendezvous threshold); a large one is head + a zero-copy hidden-state tail.
+Header (little-endian): magic u32, kind u8, status u8, wire dtype u8, reply dtype u8,
+sequence u64, layer i32, tokens i32, hidden i32, topk i32, text bytes u32, 12 reserved bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import torch
+
+MAGIC = 0x3145_4F4D                    # b"MOE1" little-endian
+HEADER = struct.Struct("<IBBBBQiiiiI12x")
+ALIGN = 8
+INLINE_LIMIT = 8192 - HEADER.size      # head message stays within UCX's default eager size (8 KiB)
+HEAD_CAPACITY = HEADER.size + INLINE_LIMIT
+GROUP = 128                            # channels per fp8 scale
+
+KIND_REQUEST, KIND_REPLY = 1, 2
+STATUS_OK, STATUS_INVALID, STATUS_UNAVAILABLE, STATUS_ERROR = 0, 1, 2, 3
+DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float8_e4m3fn: 3}
+CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+
+
+class FrameError(ValueError):
+    """A head message that is not ours or is inconsistent (a peer bug or a stray sender)."""
+
+
+@dataclass(frozen=True)
+class Header:
+    kind: int
+    status: int
+    wire_dtype: torch.dtype | None    # hidden (request) or output (reply) dtype; None for errors
+    reply_dtype: torch.dtype | None   # what the requester wants back; None in replies
+    sequence: int
+    layer: int
+    tokens: int
+    hidden: int
+    topk: int
+    text_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Section:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * self.dtype.itemsize
+
+
+@dataclass
+class Frame:
+    """What goes on the wire: `head` (uint8, host memory) then each of `tails` (uint8 views)."""
+
+    head: torch.Tensor
+    tails: list[torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return self.head.numel() + sum(t.numel() for t in self.tails)
+
+
+def byte_view(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's memory as a flat uint8 tensor (no copy when already contiguous)."""
+    return tensor.contiguous().view(-1).view(torch.uint8)
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def inline_count(sections: list[Section], limit: int = INLINE_LIMIT) -> int:
+    """How many leading sections travel inside the head message."""
+    used = 0
+    for i, section in enumerate(sections):
+        used = _aligned(used) + section.nbytes
+        if used > limit:
+            return i
+    return len(sections)
+
+
+def request_sections(header: Header) -> list[Section]:
+    tokens, topk, hidden = header.tokens, header.topk, header.hidden
+    sections = [Section((tokens, topk), torch.int32), Section((tokens, topk), torch.float32)]
+    if header.wire_dtype == torch.float8_e4m3fn:
+        sections.append(Section((tokens, -(-hidden // GROUP)), torch.float32))
+    sections.append(Section((tokens, hidden), header.wire_dtype))
+    return sections
+
+
+def reply_sections(header: Header) -> list[Section]:
+    if header.status != STATUS_OK:
+        return []
+    return [Section((header.tokens, header.hidden), header.wire_dtype)]
+
+
+def _pack(header: Header, tensors: list[torch.Tensor], text: bytes = b"") -> Frame:
+    sections = [Section(tuple(t.shape), t.dtype) for t in tensors]
+    n_inline = inline_count(sections)
+    size = HEADER.size + len(text)
+    offsets = []
+    for section in sections[:n_inline]:
+        size = _aligned(size)
+        offsets.append(size)
+        size += section.nbytes
+    head = torch.empty(size, dtype=torch.uint8)
+    HEADER.pack_into(head.numpy(), 0, MAGIC, header.kind, header.status,
+                     DTYPE_CODES.get(header.wire_dtype, 0), DTYPE_CODES.get(header.reply_dtype, 0),
+                     header.sequence, header.layer, header.tokens, header.hidden, header.topk, len(text))
+    if text:
+        head[HEADER.size:HEADER.size + len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+    for offset, tensor in zip(offsets, tensors):
+        raw = byte_view(tensor)
+        head[offset:offset + raw.numel()].copy_(raw)  # small by construction; D2H when on a GPU
+    return Frame(head, [byte_view(t) for t in tensors[n_inline:]])
+
+
+def encode_request(sequence: int, layer: int, expert_ids: torch.Tensor, weights: torch.Tensor,
+                   hidden: torch.Tensor, scales: torch.Tensor | None, reply_dtype: torch.dtype) -> Frame:
+    """Request frame; `hidden` already in its wire dtype (with `scales` iff float8)."""
+    if hidden.dim() != 2 or expert_ids.dim() != 2 or expert_ids.shape != weights.shape \
+            or expert_ids.shape[0] != hidden.shape[0]:
+        raise ValueError(f"request shapes disagree: hidden {list(hidden.shape)}, expert_ids "
+                         f"{list(expert_ids.shape)}, weights {list(weights.shape)} (want [T, H], [T, K], [T, K])")
+    if hidden.dtype not in DTYPE_CODES:
+        raise ValueError(f"hidden dtype {hidden.dtype} cannot go on the UCX wire ({list(DTYPE_CODES)})")
+    if (scales is not None) != (hidden.dtype == torch.float8_e4m3fn):
+        raise ValueError("fp8 scales must accompany float8_e4m3fn hidden states, and only them")
+    tokens, hidden_size = hidden.shape
+    header = Header(KIND_REQUEST, STATUS_OK, hidden.dtype, reply_dtype, sequence, layer,
+                    tokens, hidden_size, int(expert_ids.shape[1]))
+    tensors = [expert_ids.to(torch.int32), weights.to(torch.float32)]
+    if scales is not None:
+        tensors.append(scales.to(torch.float32))
+    tensors.append(hidden)
+    return _pack(header, tensors)
+
+
+def encode_reply(sequence: int, output: torch.Tensor) -> Frame:
+    tokens, hidden_size = output.shape
+    return _pack(Header(KIND_REPLY, STATUS_OK, output.dtype, None, sequence, 0, tokens, hidden_size, 0), [output])
+
+
+def encode_error(sequence: int, status: int, message: str) -> Frame:
+    text = message.encode("utf-8", "replace")[:INLINE_LIMIT]
+    return _pack(Header(KIND_REPLY, status, None, None, sequence, 0, 0, 0, 0), [], text)
+
+
+def parse_header(head: torch.Tensor, kind: int) -> Header:
+    """Header of a received head message (`head` is the uint8 receive buffer)."""
+    (magic, got_kind, status, wire_code, reply_code, sequence, layer, tokens, hidden, topk,
+     text_bytes) = HEADER.unpack_from(head.numpy(), 0)
+    if magic != MAGIC or got_kind != kind:
+        raise FrameError(f"not a moe.v1 UCX {'request' if kind == KIND_REQUEST else 'reply'} frame "
+                         f"(magic {magic:#x}, kind {got_kind})")
+    if min(tokens, hidden, topk) < 0 or text_bytes > INLINE_LIMIT:
+        raise FrameError(f"frame header out of range: tokens {tokens}, hidden {hidden}, topk {topk}, "
+                         f"text {text_bytes} bytes")
+    if kind == KIND_REPLY and status == STATUS_OK or kind == KIND_REQUEST:
+        if wire_code not in CODE_DTYPES:
+            raise FrameError(f"unknown wire dtype code {wire_code}")
+    if kind == KIND_REQUEST and reply_code not in CODE_DTYPES:
+        raise FrameError(f"unknown reply dtype code {reply_code}")
+    return Header(got_kind, status, CODE_DTYPES.get(wire_code), CODE_DTYPES.get(reply_code), sequence,
+                  layer, tokens, hidden, topk, text_bytes)
+
+
+def error_text(head: torch.Tensor, header: Header) -> str:
+    return bytes(head[HEADER.size:HEADER.size + header.text_bytes].numpy()).decode("utf-8", "replace")
+
+
+def split_inline(head: torch.Tensor, header: Header, sections: list[Section]
+                 ) -> tuple[list[torch.Tensor], list[Section]]:
+    """(views of the inline sections inside `head`, the sections still to receive as tails)."""
+    n_inline = inline_count(sections)
+    views, offset = [], HEADER.size + header.text_bytes
+    for section in sections[:n_inline]:
+        offset = _aligned(offset)
+        raw = head[offset:offset + section.nbytes]
+        views.append(raw.view(section.dtype).view(section.shape))
+        offset += section.nbytes
+    return views, sections[n_inline:]

@@ -1,0 +1,234 @@
+"""UCX dispatch against a real listener in another OS process (spawned, stopped by its PID)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from services.common.errors import InvalidArgument
+from services.transport import fp8, ucx_framing as wire
+from services.transport.base import ExpertBatch, ReplicaUnavailable
+from services.transport.ucx_transport import UcxTransport, ucx_available
+
+UCX_OK, UCX_REASON = ucx_available()
+pytestmark = pytest.mark.skipif(not UCX_OK, reason=f"ucxx cannot be imported: {UCX_REASON}")
+
+STARTUP_DEADLINE_S = 60.0
+LAYER_THAT_REJECTS = 99        # the test compute refuses this layer as bad input
+LAYER_THAT_HANGS = 98          # ... and never answers this one (until the process dies)
+
+
+@dataclass
+class Replica:
+    id: str
+    endpoints: dict[str, str] = field(default_factory=dict)
+
+
+def _scaled_by_weight_sum(batch: ExpertBatch) -> torch.Tensor:
+    """A stand-in expert: out = x * sum_k w_k (in the hidden's dtype; float32 for fp8)."""
+    if batch.layer == LAYER_THAT_REJECTS:
+        raise InvalidArgument(f"layer {batch.layer} is not held here")
+    if batch.layer == LAYER_THAT_HANGS:
+        threading.Event().wait()
+    out_dtype = torch.float32 if batch.hidden.dtype == torch.float8_e4m3fn else batch.hidden.dtype
+    x = fp8.decode_hidden(batch.hidden, batch.hidden_scales, torch.float32)
+    return (x * batch.weights.sum(-1, keepdim=True)).to(out_dtype)
+
+
+def _serve(conn) -> None:
+    """Child process: a UCX listener on a free port; reports the port, then serves until killed."""
+    from services.transport.ucx_transport import serve_ucx
+
+    server = serve_ucx(0, _scaled_by_weight_sum)
+    conn.send(server.port)
+    threading.Event().wait()
+
+
+@dataclass
+class Listener:
+    process: multiprocessing.Process | None   # None: a listener in the test process itself
+    port: int
+
+
+@pytest.fixture(scope="module")
+def listeners():
+    """Two listener processes, started together (their start-up dominates this file's run time):
+    "shared" serves the tests that leave it alive, "doomed" is for the one that kills it."""
+    ctx = multiprocessing.get_context("spawn")
+    started = {}
+    for name in ("shared", "doomed"):
+        parent, child = ctx.Pipe()
+        process = ctx.Process(target=_serve, args=(child,), name=f"ucx-listener-{name}", daemon=True)
+        process.start()
+        started[name] = (process, parent)
+    try:
+        ready = {}
+        deadline = time.monotonic() + STARTUP_DEADLINE_S
+        for name, (process, parent) in started.items():
+            if not parent.poll(max(0.0, deadline - time.monotonic())):
+                pytest.fail(f"UCX listener '{name}' did not report its port within {STARTUP_DEADLINE_S}s")
+            ready[name] = Listener(process, parent.recv())
+        yield ready
+    finally:
+        for process, _ in started.values():
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGKILL)
+            process.join(10)
+
+
+@pytest.fixture
+def shared(listeners) -> Listener:
+    return listeners["shared"]
+
+
+def _connect(listener: Listener, dispatch_dtype: str):
+    return UcxTransport(dispatch_dtype).connect(Replica("r0", {"ucx": f"127.0.0.1:{listener.port}"}))
+
+
+def _batch(tokens: int, hidden: int, topk: int = 3, layer: int = 1, seed: int = 0) -> ExpertBatch:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=gen)
+    ids = torch.randint(0, 8, (tokens, topk), generator=gen, dtype=torch.int32)
+    ids[:, -1] = -1                         # a slot not for this replica
+    weights = torch.rand(tokens, topk, generator=gen)
+    weights[:, -1] = 0
+    return ExpertBatch(layer, x, ids, weights)
+
+
+def _expected(batch: ExpertBatch) -> torch.Tensor:
+    return batch.hidden * batch.weights.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("dispatch_dtype, tolerance", [("fp32", 0.0), ("bf16", 2 ** -7), ("fp8", 2 ** -3)])
+def test_batches_round_trip_in_every_dispatch_dtype(shared, dispatch_dtype, tolerance):
+    client = _connect(shared, dispatch_dtype)
+    try:
+        # 4 tokens fit the head message; 300 tokens x 512 send the hidden states as a tail
+        batches = [_batch(4, 64, seed=1), _batch(300, 512, seed=2), _batch(5, 200, seed=3)]
+        futures = [client.submit(b, timeout=30.0) for b in batches]   # several in flight at once
+        for batch, future in zip(batches, futures):
+            out = future.result(timeout=60.0)
+            want = _expected(batch)
+            assert out.shape == want.shape and out.dtype == torch.float32
+            # relative to each row's magnitude: bf16 keeps 8 bits, fp8 (+ bf16 reply) about 4
+            scale = want.abs().amax(-1, keepdim=True).clamp_min(1e-6)
+            assert float(((out - want).abs() / scale).max()) <= tolerance
+    finally:
+        client.close()
+
+
+def test_bfloat16_caller_gets_bfloat16_back(shared):
+    client = _connect(shared, "bf16")
+    try:
+        batch = _batch(6, 128)
+        batch.hidden = batch.hidden.bfloat16()
+        out = client.submit(batch, timeout=30.0).result(timeout=60.0)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), _expected(batch).float(), rtol=2 ** -7, atol=1e-3)
+    finally:
+        client.close()
+
+
+def test_bad_batch_is_invalid_argument_and_the_endpoint_keeps_serving(shared):
+    client = _connect(shared, "fp32")
+    try:
+        with pytest.raises(InvalidArgument, match="layer 99 is not held"):
+            client.submit(_batch(2, 64, layer=LAYER_THAT_REJECTS), timeout=30.0).result(timeout=60.0)
+        batch = _batch(2, 64)
+        torch.testing.assert_close(client.submit(batch, timeout=30.0).result(timeout=60.0), _expected(batch))
+        assert client.connections_opened == 1
+    finally:
+        client.close()
+
+
+def test_killed_replica_mid_request_fails_the_future_within_its_timeout(listeners):
+    doomed = listeners["doomed"]
+    client = _connect(doomed, "fp32")
+    try:
+        warm = _batch(2, 64)
+        torch.testing.assert_close(client.submit(warm, timeout=30.0).result(timeout=60.0), _expected(warm))
+        timeout = 10.0
+        started = time.monotonic()
+        future = client.submit(_batch(2, 64, layer=LAYER_THAT_HANGS), timeout=timeout)
+        os.kill(doomed.process.pid, signal.SIGKILL)
+        with pytest.raises(ReplicaUnavailable) as caught:
+            future.result(timeout=timeout + 5.0)
+        assert time.monotonic() - started <= timeout + 1.0
+        assert caught.value.replica_id == "r0"
+        # a later submit to the dead address fails too (reconnect refused), and does not hang
+        with pytest.raises(ReplicaUnavailable):
+            client.submit(warm, timeout=5.0).result(timeout=10.0)
+    finally:
+        client.close()
+
+
+def test_hung_replica_fails_the_future_at_its_timeout(shared):
+    client = _connect(shared, "fp32")
+    try:
+        started = time.monotonic()
+        future = client.submit(_batch(2, 64, layer=LAYER_THAT_HANGS), timeout=0.5)
+        with pytest.raises(ReplicaUnavailable, match="no reply within"):
+            future.result(timeout=10.0)
+        assert 0.5 <= time.monotonic() - started <= 5.0
+    finally:
+        client.close()
+
+
+def test_closed_client_fails_pending_and_new_work():
+    client = UcxTransport("fp32").connect(Replica("r0", {"ucx": "127.0.0.1:9"}))   # nothing listens
+    client.close()
+    with pytest.raises(ReplicaUnavailable, match="client closed"):
+        client.submit(_batch(1, 64), timeout=5.0).result(timeout=10.0)
+
+
+def test_record_without_ucx_endpoint_is_unavailable():
+    with pytest.raises(ReplicaUnavailable, match="no ucx endpoint"):
+        UcxTransport("fp32").connect(Replica("r0", {"grpc": "127.0.0.1:50053"}))
+
+
+def test_frame_layout_puts_small_sections_inline_and_large_ones_in_tails():
+    small = wire.encode_request(7, 3, torch.zeros(4, 8, dtype=torch.int32), torch.ones(4, 8),
+                                torch.ones(4, 64), None, torch.float32)
+    assert small.tails == [] and small.head.numel() <= wire.HEAD_CAPACITY
+    q, scales = fp8.quantize_1x128(torch.randn(100, 7168))
+    big = wire.encode_request(8, 3, torch.zeros(100, 8, dtype=torch.int32), torch.ones(100, 8), q, scales,
+                              torch.bfloat16)
+    assert [t.numel() for t in big.tails] == [100 * 56 * 4, 100 * 7168]
+    assert big.tails[-1].data_ptr() == q.data_ptr()       # the hidden tail is the tensor itself
+    header = wire.parse_header(big.head, wire.KIND_REQUEST)
+    views, tails = wire.split_inline(big.head, header, wire.request_sections(header))
+    assert (header.sequence, header.layer, header.tokens, header.hidden, header.topk) == (8, 3, 100, 7168, 8)
+    assert len(views) == 2 and [s.shape for s in tails] == [(100, 56), (100, 7168)]
+    with pytest.raises(wire.FrameError, match="not a moe.v1 UCX reply"):
+        wire.parse_header(big.head, wire.KIND_REPLY)
+
+
+def test_closing_the_listener_fails_the_calls_it_was_serving():
+    from services.transport.ucx_transport import serve_ucx
+
+    entered, release = threading.Event(), threading.Event()
+
+    def stuck(batch: ExpertBatch) -> torch.Tensor:
+        entered.set()
+        release.wait(30)
+        return batch.hidden
+
+    server = serve_ucx(0, stuck)
+    client = _connect(Listener(None, server.port), "fp32")
+    try:
+        future = client.submit(_batch(2, 64), timeout=20.0)
+        assert entered.wait(20.0), "the listener never started computing the request"
+        server.close()
+        with pytest.raises(ReplicaUnavailable):
+            future.result(timeout=25.0)
+    finally:
+        release.set()
+        client.close()
+        server.close()
