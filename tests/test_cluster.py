@@ -33,7 +33,7 @@ def reference(v3_checkpoint):
     return [(s.tokens, s.logprobs) for s in seqs]
 
 
-@pytest.fixture(scope="module", params=["grpc"])
+@pytest.fixture(scope="module", params=["grpc", "ucx"])
 def cluster(request, v3_checkpoint, tmp_path_factory):
     path, _ = v3_checkpoint
     with LocalCluster(
