@@ -1,8 +1,10 @@
 """Decode speed: our in-process generator against transformers' generate(), same checkpoint,
 same machine, same run. Start-up and prefill are excluded: each side is timed for N and 2N new
-tokens and the difference divided by N gives the per-step decode time.
+tokens and the difference divided by N gives the per-step decode time. The contenders run
+interleaved, round after round, and each keeps its best round, so a noisy neighbour on a shared
+machine slows every contender alike instead of whichever happened to run at that moment.
 
-    python benchmarks/decode_bench.py [--dtype float32|bfloat16] [--batches 1,16] [--steps 32]
+    python benchmarks/decode_bench.py [--dtypes float32,bfloat16] [--batches 1,16] [--steps 32]
 """
 
 from __future__ import annotations
@@ -48,35 +50,43 @@ def time_transformers(hf, batch: int, new_tokens: int) -> float:
     return time.perf_counter() - start
 
 
-def per_step(timer, model, batch: int, steps: int, repeats: int) -> float:
-    """Best-of-`repeats` per-step decode time, prefill and set-up cancelled by differencing."""
-    timer(model, batch, 2)  # warm-up
-    short = min(timer(model, batch, steps) for _ in range(repeats))
-    long = min(timer(model, batch, 2 * steps) for _ in range(repeats))
-    return (long - short) / steps
+def per_step(contenders: dict, batch: int, steps: int, rounds: int) -> dict[str, float]:
+    """Best-of-`rounds` per-step decode time of each contender (name -> (timer, model)),
+    prefill and set-up cancelled by differencing N and 2N new tokens."""
+    for timer, model in contenders.values():
+        timer(model, batch, 2)  # warm-up
+    short = {name: float("inf") for name in contenders}
+    long = dict(short)
+    for _ in range(rounds):
+        for name, (timer, model) in contenders.items():
+            short[name] = min(short[name], timer(model, batch, steps))
+            long[name] = min(long[name], timer(model, batch, 2 * steps))
+    return {name: (long[name] - short[name]) / steps for name in contenders}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="our model's dtype")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="our model's dtypes (transformers runs fp32)")
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(2)
+    dtypes = args.dtypes.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         hf = make_checkpoint(Path(tmp), "v3", seed=0, **BENCH_CONFIG)
-        ours = load_model(tmp, dtype=args.dtype)
+        ours = {dtype: load_model(tmp, dtype=dtype) for dtype in dtypes}
+    contenders = {"transformers float32": (time_transformers, hf)}
+    contenders.update({f"ours {dtype}": (time_ours, model) for dtype, model in ours.items()})
     params = sum(p.numel() for p in hf.parameters())
-    print(f"model: {params / 1e6:.1f}M parameters; transformers fp32 eager vs ours {args.dtype}; prompt {PROMPT_LEN}")
-    print(f"{'batch':>5} {'transformers ms/step':>21} {'ours ms/step':>13} {'tok/s theirs':>13} {'tok/s ours':>11} {'speed-up':>9}")
+    print(f"model: {params / 1e6:.1f}M parameters; prompt {PROMPT_LEN}; {torch.get_num_threads()} threads; "
+          f"best of {args.rounds} interleaved rounds")
+    print(f"{'batch':>5} {'contender (weights dtype)':<26} {'ms/step':>9} {'tok/s':>7} {'vs transformers':>16}")
     for batch in [int(b) for b in args.batches.split(",")]:
-        theirs = per_step(time_transformers, hf, batch, args.steps, args.repeats)
-        mine = per_step(time_ours, ours, batch, args.steps, args.repeats)
-        print(
-            f"{batch:>5} {theirs * 1e3:>21.2f} {mine * 1e3:>13.2f} {batch / theirs:>13.0f} {batch / mine:>11.0f} "
-            f"{theirs / mine:>8.2f}x"
-        )
+        times = per_step(contenders, batch, args.steps, args.rounds)
+        theirs = times["transformers float32"]
+        for name, t in times.items():
+            print(f"{batch:>5} {name:<26} {t * 1e3:>9.2f} {batch / t:>7.0f} {theirs / t:>15.2f}x")
     return 0
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model.config import ModelConfig
+from model.cuda_graph import GraphDecoder
 from model.errors import InputError
 from model.kv_cache import CacheFull
 from model.transformer import Transformer
@@ -121,11 +122,14 @@ def sample(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Gene
 class Engine:
     """Continuous batching over one model and one latent cache; single-threaded by design."""
 
-    def __init__(self, model: Transformer, cache_tokens: int = 16384, max_batch: int = 64):
+    def __init__(self, model: Transformer, cache_tokens: int = 16384, max_batch: int = 64, cuda_graphs: bool = True):
         self.model = model
         self.cfg = model.cfg
         self.device = model.head.weight.device
         self.cache = model.new_cache(cache_tokens)
+        # On CUDA, decode steps replay captured graphs (prefill stays eager) while the routed
+        # experts are local; with remote experts, or elsewhere, decode runs eagerly.
+        self.graphs = GraphDecoder(model, self.cache) if cuda_graphs and self.device.type == "cuda" else None
         self.max_batch = max_batch
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -185,7 +189,11 @@ class Engine:
 
     def _decode(self, batch: list[Sequence]) -> list[TokenEvent]:
         tokens = torch.tensor([s.tokens[-1] for s in batch], dtype=torch.long, device=self.device)
-        logits = self.model.decode(tokens, self.cache, [s.id for s in batch], [s.cached_tokens for s in batch])
+        ids, lengths = [s.id for s in batch], [s.cached_tokens for s in batch]
+        if self.graphs is not None and GraphDecoder.supports(self.model):
+            logits = self.graphs.decode(tokens, ids, lengths)
+        else:
+            logits = self.model.decode(tokens, self.cache, ids, lengths)
         return [self._record(s, *sample(logits[i], s.request.sampling, s.generator)) for i, s in enumerate(batch)]
 
     def step(self) -> list[TokenEvent]:

@@ -80,9 +80,15 @@ class LatentKVCache:
 
     def context(self, seqs: list[object], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather table for a decode batch: ([B, T] slot ids, [B, T] bool valid), T = max length."""
-        longest = max(lengths)
-        index = torch.zeros(len(seqs), longest, dtype=torch.long, device=self.pool.device)
-        for row, (seq, length) in enumerate(zip(seqs, lengths)):
-            index[row, :length] = self._slots[seq][:length]
-        valid = torch.arange(longest, device=self.pool.device)[None, :] < torch.tensor(lengths, device=self.pool.device)[:, None]
-        return index, valid
+        index, bias = self.gather_table(seqs, lengths, torch.float32)
+        return index, bias == 0
+
+    def gather_table(self, seqs: list[object], lengths: list[int], mask_dtype: torch.dtype):
+        """As `context`, with the mask additive: ([B, T] slot ids, [B, T] 0 for the first
+        lengths[i] positions of row i, -inf for padding). Padding points at slot 0, a valid row."""
+        rows = [self._slots[seq][:length] for seq, length in zip(seqs, lengths)]
+        index = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # [B, T]
+        longest = index.shape[1]
+        pad = torch.arange(longest, device=self.pool.device)[None, :] >= torch.tensor(lengths, device=self.pool.device)[:, None]
+        bias = torch.zeros(len(seqs), longest, dtype=mask_dtype, device=self.pool.device).masked_fill_(pad, float("-inf"))
+        return index, bias

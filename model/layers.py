@@ -18,10 +18,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 whatever the activation dtype, as the reference does.
+        # fp32 statistics whatever the activation dtype, then weight * x_hat.to(x.dtype), as the
+        # reference does. Written out: F.rms_norm costs ~2x the dispatched ops on CPU (casts).
+        if x.dtype == torch.float32:  # no dtype round trip
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
         x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -60,31 +62,46 @@ def rope_inverse_frequencies(rope: RopeConfig, dim: int) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputed cos/sin for every position up to the model's context limit."""
+    """Rotary position embedding as one [R, R] rotation matrix per position.
+
+    Interleaved checkpoints rotate pairs (x0, x1), (x2, x3), ...; the matrix also lays the result
+    out as [rotated evens, rotated odds], a fixed permutation applied to queries and keys alike,
+    so their dot products are those of the interleaved layout. Building the matrices once per
+    forward pass and applying them with one matmul per tensor replaces ~10 elementwise ops per
+    rotated tensor per layer (the decode step is bound by op count on CPU and by launches on GPU).
+    """
 
     def __init__(self, rope: RopeConfig, dim: int, max_positions: int, interleaved: bool):
         super().__init__()
-        self.interleaved = interleaved
+        self.dim = dim
         inv_freq = rope_inverse_frequencies(rope, dim)
         angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)  # [P, dim/2]
         scale = rope.cos_sin_scale
         self.register_buffer("cos", angles.cos() * scale, persistent=False)
         self.register_buffer("sin", angles.sin() * scale, persistent=False)
+        # out[j] = sum_i x[i] * M[i, j]; the four entries of pair p's 2x2 block:
+        half = torch.arange(dim // 2)
+        first, second = (2 * half, 2 * half + 1) if interleaved else (half, half + dim // 2)
+        rows = torch.cat([first, second, second, first])  # cos, -sin, cos, sin
+        cols = torch.cat([half, half, half + dim // 2, half + dim // 2])
+        self.register_buffer("flat_index", rows * dim + cols, persistent=False)  # [2*dim]
+
+    def rotation(self, positions: torch.Tensor) -> torch.Tensor:
+        """positions: [B, S] -> [B, S, R, R] fp32 rotation matrices."""
+        cos, sin = self.cos[positions], self.sin[positions]  # [B, S, R/2]
+        values = torch.cat([cos, -sin, cos, sin], dim=-1)  # [B, S, 2R]
+        rot = cos.new_zeros(*positions.shape, self.dim * self.dim)
+        rot[..., self.flat_index] = values
+        return rot.view(*positions.shape, self.dim, self.dim)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [B, S, heads, dim] (or [B, S, dim]); positions: [B, S] -> same shape as x.
+        """x: [B, S, heads, R] (or [B, S, R]); positions: [B, S] -> same shape as x."""
+        return rotate(x, self.rotation(positions))
 
-        Interleaved checkpoints rotate pairs (x0, x1), (x2, x3), ...; the result is laid out as
-        [rotated evens, rotated odds], a fixed permutation applied to queries and keys alike, so
-        their dot products are those of the interleaved layout.
-        """
-        cos, sin = self.cos[positions], self.sin[positions]  # [B, S, dim/2]
-        if x.dim() == 4:
-            cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-        x32 = x.float()
-        if self.interleaved:
-            x1, x2 = x32[..., 0::2], x32[..., 1::2]
-        else:
-            x1, x2 = x32.chunk(2, dim=-1)
-        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-        return out.to(x.dtype)
+
+def rotate(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """x: [B, S, H, R] or [B, S, R]; rot: [B, S, R, R] -> x rotated, in x's dtype (math in fp32)."""
+    x32 = x.float()
+    if x.dim() == 3:
+        return (x32.unsqueeze(2) @ rot).squeeze(2).to(x.dtype)  # [B, S, 1, R] @ [B, S, R, R]
+    return (x32 @ rot).to(x.dtype)  # [B, S, H, R] @ [B, S, R, R]

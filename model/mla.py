@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
-from model.layers import RMSNorm, RotaryEmbedding
+from model.layers import RMSNorm, rotate
 
 
 class MLA(nn.Module):
@@ -41,33 +41,45 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
         self.wkv_b = nn.Linear(cfg.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.wo = nn.Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=False)
+        self._absorbed_key: tuple | None = None  # see absorbed_weights
 
-    def _queries(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding):
+    def _queries(self, x: torch.Tensor, rot: torch.Tensor):
         B, S, _ = x.shape
         q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.view(B, S, self.n_heads, self.nope_dim + self.rope_dim)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        return q_nope, rotary(q_rope, positions)  # [B, S, H, nope], [B, S, H, rope]
+        return q_nope, rotate(q_rope, rot)  # [B, S, H, nope], [B, S, H, rope]
 
-    def latents(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
-        """[B, S, D] -> [B, S, kv_lora_rank + rope]: exactly what the cache stores for these tokens."""
+    def latents(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+        """[B, S, D] -> [B, S, kv_lora_rank + rope]: exactly what the cache stores for these tokens.
+
+        rot: [B, S, R, R] from `RotaryEmbedding.rotation` for these tokens' positions."""
         kv = self.wkv_a(x)
         c_kv, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        return torch.cat([self.kv_norm(c_kv), rotary(k_rope, positions)], dim=-1)
+        return torch.cat([self.kv_norm(c_kv), rotate(k_rope, rot)], dim=-1)
 
     def _split_wkv_b(self):
         w = self.wkv_b.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         return w[:, : self.nope_dim], w[:, self.nope_dim :]  # W_UK [H, nope, C], W_UV [H, v, C]
 
-    def forward_naive(
-        self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, latent: torch.Tensor
-    ) -> torch.Tensor:
+    def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_UK [H, nope, C], W_UV^T [H, C, v]) contiguous in `dtype`, rebuilt only when wkv_b
+        changes (new tensor or in-place write), so a decode step does no per-layer re-layout."""
+        w = self.wkv_b.weight
+        key = (w.data_ptr(), w._version, dtype, w.device)
+        if self._absorbed_key != key:
+            w_uk, w_uv = self._split_wkv_b()
+            self._absorbed = (w_uk.to(dtype).contiguous(), w_uv.transpose(1, 2).to(dtype).contiguous())
+            self._absorbed_key = key
+        return self._absorbed
+
+    def forward_naive(self, x: torch.Tensor, rot: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         """Prefill of fresh sequences: attend causally among the S new tokens.
 
         x: [B, S, D]; latent: [B, S, C + R] from `latents` (the caller also writes it to the cache).
         """
         B, S, _ = x.shape
-        q_nope, q_rope = self._queries(x, positions, rotary)
+        q_nope, q_rope = self._queries(x, rot)
         c_kv, k_rope = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.wkv_b(c_kv).view(B, S, self.n_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
@@ -77,27 +89,30 @@ class MLA(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(B, S, self.n_heads * self.v_dim))
 
     def forward_absorbed(
-        self,
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        rotary: RotaryEmbedding,
-        context: torch.Tensor,
-        mask: torch.Tensor,
+        self, x: torch.Tensor, rot: torch.Tensor, context: torch.Tensor, bias: torch.Tensor
     ) -> torch.Tensor:
         """Attention over latent context (decode, or prefill that continues a sequence).
 
-        x: [B, S, D] new tokens; context: [B, T, C + R] latents of every attended position
-        (new tokens included); mask: [B, S, T] bool, True where attention is allowed.
+        x: [B, S, D] new tokens; context: [B, T, C + R] latents of every attended position (new
+        tokens included), in the dtype the attention math runs in (fp32 on CPU: bf16 batched
+        matmuls are slow there); bias: [B, S, T] additive mask in that dtype, 0 where attention
+        is allowed and -inf where not.
+        Every contraction is one bmm: "bshd,hdc->bshc" (absorb W_UK), "b(hs)c,btc->b(hs)t"
+        (scores over latent + rope key at once), "b(hs)t,btc->b(hs)c", "bshc,hcv->bshv" (W_UV).
         """
         B, S, _ = x.shape
-        q_nope, q_rope = self._queries(x, positions, rotary)
-        w_uk, w_uv = self._split_wkv_b()
-        c_kv, k_rope = context.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # [B, S, H, C]
-        scores = torch.einsum("bshc,btc->bsht", q_latent, c_kv) + torch.einsum("bshr,btr->bsht", q_rope, k_rope)
-        scores = scores.float() * self.softmax_scale
-        scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
-        probs = scores.softmax(dim=-1).to(x.dtype)  # [B, S, H, T]
-        out_latent = torch.einsum("bsht,btc->bshc", probs, c_kv)
-        out = torch.einsum("bshc,hdc->bshd", out_latent, w_uv)  # [B, S, H, v]
-        return self.wo(out.reshape(B, S, self.n_heads * self.v_dim))
+        H, C = self.n_heads, self.kv_lora_rank
+        dtype = context.dtype
+        w_uk, w_uv_t = self.absorbed_weights(dtype)
+        q_nope, q_rope = self._queries(x, rot)
+        q_nope = q_nope.to(dtype).reshape(B * S, H, self.nope_dim).transpose(0, 1)  # [H, B*S, nope]
+        q_latent = torch.bmm(q_nope, w_uk).view(H, B, S, C).transpose(0, 1)  # [B, H, S, C]
+        q = torch.cat([q_latent, q_rope.to(dtype).transpose(1, 2)], dim=-1).view(B, H * S, C + self.rope_dim)
+        # rows ordered (head, position): the mask repeats once per head (broadcasts when S == 1)
+        scores = torch.baddbmm(bias if S == 1 else bias.repeat(1, H, 1), q, context.transpose(1, 2), alpha=self.softmax_scale)
+        probs = scores.softmax(dim=-1)  # [B, H*S, T]
+        out_latent = torch.bmm(probs, context[..., :C])  # [B, H*S, C]
+        out_latent = out_latent.view(B, H, S, C).permute(1, 0, 2, 3).reshape(H, B * S, C)
+        out = torch.bmm(out_latent, w_uv_t)  # [H, B*S, v]
+        out = out.view(H, B, S, self.v_dim).permute(1, 2, 0, 3).reshape(B, S, H * self.v_dim)
+        return self.wo(out.to(x.dtype))

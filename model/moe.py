@@ -64,6 +64,17 @@ class Gate(nn.Module):
         return ids, weights * self.scale
 
 
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """a: [M, K] rows grouped; b: [G, K, N]; offsets: [G] int32 end row of each group -> [M, N]
+    (rows past offsets[-1] are left undefined). One kernel for all groups on Hopper (bf16);
+    on CUDA in other dtypes, a gather of each row's weight + bmm: slow but just as sync-free."""
+    if a.is_cuda and a.dtype != torch.bfloat16:
+        group = torch.searchsorted(offsets, torch.arange(a.shape[0], device=a.device, dtype=torch.int32), right=True)
+        return torch.bmm(a[:, None, :], b[group.clamp(max=b.shape[0] - 1)]).squeeze(1)
+    fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
+    return fn(a, b, offs=offsets)
+
+
 class RoutedExperts(Protocol):
     """Where a MoE block's routed experts run: in this process or on remote shards."""
 
@@ -87,6 +98,7 @@ class ExpertBank(nn.Module):
         self.w13 = nn.Parameter(torch.empty(len(self.expert_ids), 2 * inter_dim, dim))
         self.w2 = nn.Parameter(torch.empty(len(self.expert_ids), dim, inter_dim))
         self.register_buffer("slot_of", None, persistent=False)
+        self.grouped: bool | None = None  # None: one grouped GEMM on CUDA, a loop elsewhere
         self.build_slot_table(self.w13.device)
 
     def build_slot_table(self, device: torch.device | str) -> None:
@@ -99,31 +111,51 @@ class ExpertBank(nn.Module):
         """x: [T, D]; ids: [T, K] logical ids (-1 or ids not held are skipped); weights: [T, K].
 
         Returns [T, D] = sum over held slots of weight * expert(x), accumulated in fp32.
+        `grouped` picks one grouped GEMM over all experts (no host sync, fixed shapes: what a
+        CUDA graph needs); otherwise a loop over the experts that received tokens (CPU: fewer
+        ops and no padding, and grouped GEMM has no fast CPU kernel).
         """
+        grouped = x.is_cuda if self.grouped is None else self.grouped
+        return self._forward_grouped(x, ids, weights) if grouped else self._forward_loop(x, ids, weights)
+
+    def _forward_loop(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         T, K = ids.shape
         slots = self.slot_of[ids.long()].view(-1)  # [T*K] local slot or -1
-        valid = (slots >= 0).nonzero().squeeze(1)
-        out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
-        if valid.numel() == 0:
-            return out.to(x.dtype)
-        slots = slots[valid]
-        order = slots.argsort(stable=True)
-        picked = valid[order]  # flat (token, k) positions grouped by expert
-        tokens = picked // K
-        counts = torch.bincount(slots[order], minlength=len(self.expert_ids)).tolist()
-        flat_weights = weights.reshape(-1)[picked].float()
+        order = slots.argsort(stable=True)  # not-held (-1) first, then grouped by slot
+        counts = torch.bincount(slots + 1, minlength=len(self.expert_ids) + 1).tolist()
+        order = order[counts[0] :]
+        tokens = order // K  # [N] token of each held (token, k) pair, grouped by expert
+        xs = x[tokens]  # [N, D]
+        ys = torch.empty_like(xs)
         start = 0
-        for slot, count in enumerate(counts):
-            if count == 0:
-                continue
-            rows = tokens[start : start + count]
-            h = x[rows]
-            gate_up = h @ self.w13[slot].t()  # [n, 2I]
-            act = F.silu(gate_up[:, : self.inter_dim]) * gate_up[:, self.inter_dim :]
-            y = act @ self.w2[slot].t()  # [n, D]
-            out.index_add_(0, rows, y.float() * flat_weights[start : start + count, None])
-            start += count
-        return out.to(x.dtype)
+        for slot, count in enumerate(counts[1:]):
+            if count:
+                gate_up = F.linear(xs[start : start + count], self.w13[slot])  # [n, 2I]
+                act = F.silu(gate_up[:, : self.inter_dim]) * gate_up[:, self.inter_dim :]
+                torch.mm(act, self.w2[slot].t(), out=ys[start : start + count])  # [n, D]
+                start += count
+        scaled = ys.float() * weights.reshape(-1)[order].float()[:, None]
+        out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
+        return out.index_add_(0, tokens, scaled).to(x.dtype)
+
+    def _forward_grouped(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        T, K = ids.shape
+        E = len(self.expert_ids)
+        slots = self.slot_of[ids.long()].view(-1)  # [T*K]
+        held = slots >= 0
+        key = torch.where(held, slots, E)  # not-held pairs sort last, into no group
+        order = key.argsort(stable=True)  # [T*K]
+        counts = torch.zeros(E + 1, dtype=torch.int32, device=x.device).scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))
+        offsets = counts[:E].cumsum(0, dtype=torch.int32)  # [E] end row of each expert's group
+        tokens = order // K
+        xs = x[tokens]  # [T*K, D] rows grouped by expert
+        gate_up = grouped_mm(xs, self.w13.transpose(1, 2), offsets)  # [T*K, 2I]
+        act = F.silu(gate_up[:, : self.inter_dim]) * gate_up[:, self.inter_dim :]
+        ys = grouped_mm(act, self.w2.transpose(1, 2), offsets)  # [T*K, D]
+        w = torch.where(held, weights.reshape(-1).float(), 0.0)[order]  # [T*K]
+        scaled = torch.where(held[order, None], ys.float() * w[:, None], 0.0)  # rows past the groups are garbage
+        out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
+        return out.index_add_(0, tokens, scaled).to(x.dtype)
 
     def dispatch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self(x, ids, weights)

@@ -12,6 +12,12 @@ from model.mla import MLA
 from model.moe import MoE
 
 
+def attention_dtype(param_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """Dtype of the absorbed attention math: fp32 on CPU (bf16 batched matmuls there run ~3x
+    slower than fp32 ones on these small tensors), the model's dtype on accelerators."""
+    return torch.float32 if device.type == "cpu" else param_dtype
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, with_routed_experts: bool):
         super().__init__()
@@ -26,22 +32,22 @@ class Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rotary: RotaryEmbedding,
+        rot: torch.Tensor,
         cache: torch.Tensor,
         write_slots: torch.Tensor,
         context: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
-        """x: [B, S, D]; cache: this layer's pool [N, C+R]; write_slots: [B, S] where the new
-        latents go; context: None for fresh prefill, else ([B, T] slot ids, [B, S, T] mask)."""
+        """x: [B, S, D]; rot: [B, S, R, R] rotary matrices of the new positions; cache: this
+        layer's pool [N, C+R]; write_slots: [B, S] where the new latents go; context: None for
+        fresh prefill, else ([B, T] slot ids, [B, S, T] additive mask in the attention dtype)."""
         h = self.attn_norm(x)
-        latent = self.attn.latents(h, positions, rotary)  # [B, S, C+R]
+        latent = self.attn.latents(h, rot)  # [B, S, C+R]
         cache[write_slots] = latent.to(cache.dtype)
         if context is None:
-            a = self.attn.forward_naive(h, positions, rotary, latent)
+            a = self.attn.forward_naive(h, rot, latent)
         else:
-            index, mask = context
-            a = self.attn.forward_absorbed(h, positions, rotary, cache[index].to(h.dtype), mask)
+            index, bias = context
+            a = self.attn.forward_absorbed(h, rot, cache[index].to(bias.dtype), bias)
         x = x + a
         return x + self.ffn(self.ffn_norm(x))
 
@@ -60,10 +66,17 @@ class Transformer(nn.Module):
         p = self.head.weight
         return LatentKVCache(self.cfg.num_hidden_layers, capacity_tokens, self.cfg.kv_cache_dim, p.dtype, p.device, block_size)
 
-    def _run(self, tokens, positions, cache: LatentKVCache, write_slots, context, all_logits: bool) -> torch.Tensor:
+    @property
+    def attention_dtype(self) -> torch.dtype:
+        p = self.head.weight
+        return attention_dtype(p.dtype, p.device)
+
+    def _run(self, tokens, positions, pool: torch.Tensor, write_slots, context, all_logits: bool) -> torch.Tensor:
+        """pool: [L, N, C+R] latent cache; the rest as in `Block.forward`."""
         x = self.embed(tokens)
+        rot = self.rotary.rotation(positions)  # [B, S, R, R], shared by every layer
         for block in self.layers:
-            x = block(x, positions, self.rotary, cache.pool[block.layer], write_slots, context)
+            x = block(x, rot, pool[block.layer], write_slots, context)
         if not all_logits:
             x = x[:, -1:]
         return self.head(self.norm(x)).float()
@@ -77,7 +90,7 @@ class Transformer(nn.Module):
         S = tokens.numel()
         positions = torch.arange(S, device=tokens.device)[None]
         slots = cache.slots(seq, 0, S)[None]
-        return self._run(tokens[None], positions, cache, slots, None, all_logits)[0]
+        return self._run(tokens[None], positions, cache.pool, slots, None, all_logits)[0]
 
     @torch.inference_mode()
     def extend(self, tokens: torch.Tensor, cache: LatentKVCache, seq: object, start: int, all_logits: bool = False) -> torch.Tensor:
@@ -87,16 +100,25 @@ class Transformer(nn.Module):
         positions = torch.arange(start, start + S, device=tokens.device)[None]
         write_slots = cache.slots(seq, start, start + S)[None]
         index = cache.slots(seq, 0, start + S)[None]  # [1, T]
-        causal = torch.ones(S, start + S, dtype=torch.bool, device=tokens.device).tril(start)[None]  # [1, S, T]
-        return self._run(tokens[None], positions, cache, write_slots, (index, causal), all_logits)[0]
+        allowed = torch.ones(S, start + S, dtype=torch.bool, device=tokens.device).tril(start)
+        bias = torch.zeros(1, S, start + S, dtype=self.attention_dtype, device=tokens.device)
+        bias.masked_fill_(~allowed, float("-inf"))  # [1, S, T]
+        return self._run(tokens[None], positions, cache.pool, write_slots, (index, bias), all_logits)[0]
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, cache: LatentKVCache, seqs: list[object], lengths: list[int]) -> torch.Tensor:
         """One token for each of B sequences: tokens [B] at positions `lengths` -> logits [B, V].
 
-        lengths[i] is how many tokens sequence i has in the cache before this step.
+        lengths[i] is how many tokens sequence i has in the cache before this step. Everything
+        that depends only on the batch (positions, gather table, mask, rotary matrices) is built
+        once here, not per layer.
         """
+        index, bias = cache.gather_table(seqs, [n + 1 for n in lengths], self.attention_dtype)  # [B, T], [B, T]
         positions = torch.tensor(lengths, device=tokens.device)[:, None]  # [B, 1]
-        write_slots = torch.stack([cache.slots(s, n, n + 1) for s, n in zip(seqs, lengths)])  # [B, 1]
-        index, valid = cache.context(seqs, [n + 1 for n in lengths])
-        return self._run(tokens[:, None], positions, cache, write_slots, (index, valid[:, None, :]), False)[:, 0]
+        write_slots = index.gather(1, positions)  # [B, 1]
+        return self.decode_step(tokens, positions, cache.pool, write_slots, index, bias[:, None, :])
+
+    def decode_step(self, tokens, positions, pool, write_slots, index, bias) -> torch.Tensor:
+        """The decode step on tensors alone (what a CUDA graph captures): tokens [B], positions
+        [B, 1], pool [L, N, C+R], write_slots [B, 1], index [B, T], bias [B, 1, T] -> logits [B, V]."""
+        return self._run(tokens[:, None], positions, pool, write_slots, (index, bias), False)[:, 0]

@@ -112,3 +112,35 @@ def test_bf16_model_runs_close_to_fp32(v3_checkpoint):
     assert bf16.embed.weight.dtype == torch.bfloat16
     # bf16 keeps 8 mantissa bits; logits here are O(1): 0.1 is a loose but meaningful bound
     assert (results[0] - results[1]).abs().max().item() < 0.1
+
+
+def test_grouped_gemm_expert_path_equals_expert_loop(v3_checkpoint):
+    """The sync-free grouped path (what CUDA graphs capture) against the per-expert loop, on a
+    bank holding a subset of experts so not-held ids are skipped by both."""
+    from model.checkpoint import load_expert_banks
+
+    path, _ = v3_checkpoint
+    (bank,) = load_expert_banks(path, {1: [0, 2, 5, 7]}).values()
+    x = torch.randn(9, bank.w13.shape[2], generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 8, (9, 3), generator=torch.Generator().manual_seed(1))
+    weights = torch.rand(9, 3, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        loop = bank(x, ids, weights)
+        bank.grouped = True
+        grouped = bank(x, ids, weights)
+    assert loop.abs().max() > 0
+    assert torch.allclose(grouped, loop, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_gather_table_masks_padding_of_shorter_sequences():
+    from model.kv_cache import LatentKVCache
+
+    cache = LatentKVCache(1, 64, 4, torch.float32, block_size=4)
+    cache.allocate("a", 6)
+    cache.allocate("b", 3)
+    index, bias = cache.gather_table(["a", "b"], [6, 2], torch.float32)
+    assert index.shape == bias.shape == (2, 6)
+    assert torch.equal(index[0], cache.slots("a", 0, 6)) and torch.equal(index[1, :2], cache.slots("b", 0, 2))
+    assert (bias[0] == 0).all() and (bias[1, :2] == 0).all() and torch.isinf(bias[1, 2:]).all()
+    _, valid = cache.context(["a", "b"], [6, 2])  # the boolean form stays as it was
+    assert valid.tolist() == [[True] * 6, [True, True] + [False] * 4]

@@ -1,0 +1,106 @@
+"""Decode steps replayed from CUDA graphs (issue 7): one graph per (batch, context) bucket.
+
+A decode step is captured once per bucket over static input buffers and replayed for every
+later step of that shape: the step has no host-device synchronisation and no allocation that
+depends on routing (experts run as grouped GEMMs over fixed [B*K] rows, attention over a fixed
+[B, T] gather table with an additive -inf mask), so one replay costs a handful of microseconds
+of CPU instead of ~1,000 kernel launches. Prefill stays eager and writes the same latent cache.
+
+Rows of a bucket past the real batch decode a dummy token into a scratch cache block, so they
+never touch a real sequence's latents.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from model.kv_cache import LatentKVCache
+from model.moe import ExpertBank, MoE
+from model.transformer import Transformer
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+SCRATCH = ("cuda-graph-scratch",)  # cache owner of the padding rows' block
+
+
+def bucket(n: int, sizes) -> int:
+    for size in sizes:
+        if size >= n:
+            return size
+    raise ValueError(f"{n} exceeds the largest bucket {sizes[-1]}")
+
+
+class GraphDecoder:
+    """`decode(tokens, seqs, lengths)` with the semantics of `Transformer.decode`, replayed."""
+
+    def __init__(self, model: Transformer, cache: LatentKVCache, min_context: int = 256):
+        if cache.pool.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model and cache on a CUDA device")
+        self.model, self.cache = model, cache
+        self.device = cache.pool.device
+        self.context_buckets = tuple(min_context << i for i in range(32) if min_context << i < 2 * cache.capacity_tokens)
+        cache.allocate(SCRATCH, cache.block_size)
+        self.scratch_slot = int(cache.slots(SCRATCH, 0, 1)[0])
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict, torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle()  # all buckets share one memory pool
+
+    @staticmethod
+    def supports(model: Transformer) -> bool:
+        """Only in-process expert banks can be captured: a remote `experts` (network dispatch)
+        runs eagerly. Checked per step, since a worker installs its remote experts after load."""
+        return all(isinstance(getattr(block.ffn, "experts", None), ExpertBank) for block in model.layers if isinstance(block.ffn, MoE))
+
+    def _static_inputs(self, B: int, T: int) -> dict[str, torch.Tensor]:
+        bias = torch.full((B, 1, T), float("-inf"), dtype=self.model.attention_dtype, device=self.device)
+        bias[:, :, 0] = 0
+        return dict(
+            tokens=torch.zeros(B, dtype=torch.long, device=self.device),
+            positions=torch.zeros(B, 1, dtype=torch.long, device=self.device),
+            write_slots=torch.full((B, 1), self.scratch_slot, dtype=torch.long, device=self.device),
+            index=torch.full((B, T), self.scratch_slot, dtype=torch.long, device=self.device),
+            bias=bias,
+        )
+
+    @torch.inference_mode()
+    def _capture(self, B: int, T: int):
+        inputs = self._static_inputs(B, T)
+        step = lambda: self.model.decode_step(pool=self.cache.pool, **inputs)  # noqa: E731
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up outside capture: lazy inits, cuBLAS workspaces
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = step()  # [B, V]
+        return graph, inputs, logits
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, seqs: list[object], lengths: list[int]) -> torch.Tensor:
+        """tokens [n]; lengths[i] cached tokens of seqs[i] before this step -> logits [n, V]
+        (a view into the graph's output buffer: valid until the next call)."""
+        n = len(seqs)
+        B = bucket(n, BATCH_BUCKETS)
+        T = bucket(max(lengths) + 1, self.context_buckets)
+        if (B, T) not in self.graphs:
+            self.graphs[(B, T)] = self._capture(B, T)
+        graph, inputs, logits = self.graphs[(B, T)]
+        index, bias = self.cache.gather_table(seqs, [length + 1 for length in lengths], self.model.attention_dtype)
+        width = index.shape[1]
+        positions = torch.tensor(lengths, device=self.device)
+        inputs["tokens"][:n].copy_(tokens)
+        inputs["positions"][:n, 0].copy_(positions)
+        inputs["index"][:n, :width].copy_(index)
+        inputs["index"][:n, width:].fill_(self.scratch_slot)
+        inputs["bias"][:n, 0, :width].copy_(bias)
+        inputs["bias"][:n, 0, width:].fill_(float("-inf"))
+        inputs["write_slots"][:n].copy_(index.gather(1, positions[:, None]))
+        if n < B:  # padding rows: a dummy token attending to and writing only the scratch block
+            inputs["tokens"][n:].zero_()
+            inputs["positions"][n:].zero_()
+            inputs["index"][n:].fill_(self.scratch_slot)
+            inputs["write_slots"][n:].fill_(self.scratch_slot)
+            inputs["bias"][n:].fill_(float("-inf"))
+            inputs["bias"][n:, :, 0] = 0
+        graph.replay()
+        return logits[:n]
