@@ -65,7 +65,7 @@ def _counts(size: int) -> int:
     return max(4, min(50, (2 << 30) // size))
 
 
-async def _ucx_receiver(port_out, sizes: list[int]) -> None:
+async def _ucx_receiver(port_out, sizes: list[int], window: int) -> None:
     """Rank 1: listener; receives into preallocated GPU1 tensors, acks / echoes."""
     import torch
     import ucxx
@@ -74,17 +74,21 @@ async def _ucx_receiver(port_out, sizes: list[int]) -> None:
 
     async def serve(ep):
         control = torch.zeros(3, dtype=torch.int64)
-        buffers = {size: torch.empty(size, dtype=torch.uint8, device="cuda") for size in sizes + [RTT_BYTES]}
+        buffers = {size: [torch.empty(size, dtype=torch.uint8, device="cuda") for _ in range(window)]
+                   for size in sizes + [RTT_BYTES]}
         while True:
             await ep.recv(control.numpy())
             mode, size, count = (int(v) for v in control)
             if mode == STOP:
                 break
-            buf = buffers[size]
-            for _ in range(count):
-                await ep.recv(buf)
-                if mode == ECHO:
+            if mode == ECHO:
+                buf = buffers[size][0]
+                for _ in range(count):
+                    await ep.recv(buf)
                     await ep.send(buf)
+            else:  # up to `window` receives posted at once, matching the sender's sends in flight
+                for first in range(0, count, window):
+                    await asyncio.gather(*(ep.recv(b) for b in buffers[size][: min(window, count - first)]))
             if mode == SINK:
                 torch.cuda.synchronize()
                 await ep.send(torch.tensor([count], dtype=torch.int64).numpy())
@@ -97,7 +101,7 @@ async def _ucx_receiver(port_out, sizes: list[int]) -> None:
     ucxx.stop_notifier_thread()   # not a daemon thread: it would keep the process alive
 
 
-async def _ucx_sender(port: int, sizes: list[int], rtt_trips: int) -> dict:
+async def _ucx_sender(port: int, sizes: list[int], rtt_trips: int, window: int) -> dict:
     """Rank 0: connects, streams GPU0 tensors, times the acks and the 256 KiB echo."""
     import torch
     import ucxx
@@ -114,8 +118,8 @@ async def _ucx_sender(port: int, sizes: list[int], rtt_trips: int) -> dict:
         await ep.recv(ack.numpy())
         await ep.send(torch.tensor([SINK, size, count], dtype=torch.int64).numpy())
         start = time.perf_counter()
-        for _ in range(count):
-            await ep.send(src)
+        for first in range(0, count, window):  # `window` sends in flight, as a dispatch to many peers is
+            await asyncio.gather(*(ep.send(src) for _ in range(min(window, count - first))))
         await ep.recv(ack.numpy())
         result["bandwidth"][size] = count * size / (time.perf_counter() - start)
     src = torch.full((RTT_BYTES,), 3, dtype=torch.uint8, device="cuda")
@@ -184,12 +188,12 @@ def _rank_main(rank: int, args, port_pipe, result_pipe) -> None:
     sizes = [m * MIB for m in args.sizes_mib]
     try:
         if rank == 1:
-            asyncio.run(_ucx_receiver(port_pipe, sizes))
+            asyncio.run(_ucx_receiver(port_pipe, sizes, args.window))
             ucx = None
         else:
             if not port_pipe.poll(READY_DEADLINE_S):
                 raise RuntimeError(f"the UCX listener did not start within {READY_DEADLINE_S}s")
-            ucx = asyncio.run(_ucx_sender(port_pipe.recv(), sizes, args.rtt_trips))
+            ucx = asyncio.run(_ucx_sender(port_pipe.recv(), sizes, args.rtt_trips, args.window))
         nccl = _nccl(rank, sizes, args.rtt_trips, args.store_port)
         result_pipe.send({"rank": rank, "ucx": ucx, "nccl": nccl, "gpu": torch.cuda.get_device_name(0)})
     except Exception as err:  # noqa: BLE001 - reported to the parent, which prints and fails
@@ -218,6 +222,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes-mib", type=int, nargs="+", default=[1, 4, 16, 64, 256])
     parser.add_argument("--rtt-trips", type=int, default=200)
+    parser.add_argument("--window", type=int, default=1, help="UCX sends in flight at once (bandwidth runs)")
     parser.add_argument("--ucx-tls", default="tcp,cuda_copy,cuda_ipc")
     parser.add_argument("--ucx-log", default="", help="UCX_LOG_LEVEL for the ranks, e.g. info")
     parser.add_argument("--gpus", type=int, default=2, help="GPUs on the host (the first two are used)")
