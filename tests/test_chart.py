@@ -107,6 +107,7 @@ def test_one_deployment_per_shard_spread_over_planes_with_placement_and_env(rend
         assert env["MOE_PLANE"] == str(plane)
         assert env["UCX_NET_DEVICES"] == f"mlx5_{plane}:1"
         assert env["MOE_DEVICE"] == "cuda" and env["MOE_UCX_PORT"] == "50054"
+        assert env["UCXPY_PROGRESS_MODE"] == "polling"  # GPU + UCX: the mode that matched NCCL
         assert pod["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"] == f"rdma-plane{plane}"
         assert pod["spec"]["nodeSelector"] == planes[plane]["nodeSelector"]
         assert pod["spec"]["affinity"] == planes[plane]["affinity"]
@@ -362,7 +363,7 @@ def test_model_is_mounted_read_only_where_weights_are_loaded(render, helm):
 
 def test_env_names_are_the_contracts(render):
     contract = set(re.findall(r"`(MOE_[A-Z_]+)`", CONTRACTS.read_text()))
-    extra_allowed = {"UCX_NET_DEVICES", "REDIS_PASSWORD", "REDISCLI_AUTH"}  # UCX's and Redis' own
+    extra_allowed = {"UCX_NET_DEVICES", "UCXPY_PROGRESS_MODE", "UCXPY_ENABLE_PYTHON_FUTURE", "REDIS_PASSWORD", "REDISCLI_AUTH"}  # UCX's and Redis' own
     for values in CI:
         for name, tpl in pod_templates(render(values)):
             for c in tpl["spec"]["containers"]:
