@@ -77,16 +77,18 @@ def main() -> int:
         hf = make_checkpoint(Path(tmp), "v3", seed=0, **BENCH_CONFIG)
         ours = {dtype: load_model(tmp, dtype=dtype) for dtype in dtypes}
     contenders = {"transformers float32": (time_transformers, hf)}
-    contenders.update({f"ours {dtype}": (time_ours, model) for dtype, model in ours.items()})
+    # every variant of ours runs eagerly: torch.compile (inductor, CPU) made the step ~9x slower
+    # here and took ~100 s per (batch, context) bucket to compile on 2 cores
+    contenders.update({f"ours {dtype} eager": (time_ours, model) for dtype, model in ours.items()})
     params = sum(p.numel() for p in hf.parameters())
     print(f"model: {params / 1e6:.1f}M parameters; prompt {PROMPT_LEN}; {torch.get_num_threads()} threads; "
           f"best of {args.rounds} interleaved rounds")
-    print(f"{'batch':>5} {'contender (weights dtype)':<26} {'ms/step':>9} {'tok/s':>7} {'vs transformers':>16}")
+    print(f"{'batch':>5} {'contender (weights dtype)':<28} {'ms/step':>9} {'tok/s':>7} {'vs transformers':>16}")
     for batch in [int(b) for b in args.batches.split(",")]:
         times = per_step(contenders, batch, args.steps, args.rounds)
         theirs = times["transformers float32"]
         for name, t in times.items():
-            print(f"{batch:>5} {name:<26} {t * 1e3:>9.2f} {batch / t:>7.0f} {theirs / t:>15.2f}x")
+            print(f"{batch:>5} {name:<28} {t * 1e3:>9.2f} {batch / t:>7.0f} {theirs / t:>15.2f}x")
     return 0
 
 

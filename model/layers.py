@@ -1,4 +1,5 @@
-"""Building blocks shared by attention and feed-forward: RMSNorm, rotary embeddings, SwiGLU MLP."""
+"""Building blocks shared by attention and feed-forward: RMSNorm, rotary embeddings, SwiGLU MLP,
+and the LM head."""
 
 from __future__ import annotations
 
@@ -37,6 +38,26 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class LMHead(nn.Linear):
+    """The output projection [.., D] -> fp32 logits [.., V]; on CPU it runs on a oneDNN-prepacked
+    fp32 copy of the weight. MKL sgemm handles this wide, short shape badly: [16, 512] x
+    [512, 8192] measured 6-25 ms with F.linear against ~2 ms prepacked (0.4 ms against 2.3 ms for
+    one row). oneDNN packs bf16 only on AVX-512/AVX-NE-CONVERT CPUs, so a bf16 model's head also
+    runs in fp32 here (one extra fp32 copy of the head; logits are fp32 anyway)."""
+
+    _packed_key: tuple | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+            return super().forward(x).float()
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.dtype)  # repack only when the weight changes
+        if self._packed_key != key:
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().float(), None)
+            self._packed_key = key
+        return torch.ops.mkldnn._linear_pointwise(x.float(), self._packed, None, "none", [], "")
 
 
 def rope_inverse_frequencies(rope: RopeConfig, dim: int) -> torch.Tensor:

@@ -67,8 +67,9 @@ class Gate(nn.Module):
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """a: [M, K] rows grouped; b: [G, K, N]; offsets: [G] int32 end row of each group -> [M, N]
     (rows past offsets[-1] are left undefined). One kernel for all groups on Hopper (bf16);
-    on CUDA in other dtypes, a gather of each row's weight + bmm: slow but just as sync-free."""
-    if a.is_cuda and a.dtype != torch.bfloat16:
+    elsewhere a gather of each row's weight + bmm: slow but just as sync-free (on CPU still
+    ~30x faster than _grouped_mm, a reference loop there)."""
+    if not (a.is_cuda and a.dtype == torch.bfloat16):
         group = torch.searchsorted(offsets, torch.arange(a.shape[0], device=a.device, dtype=torch.int32), right=True)
         return torch.bmm(a[:, None, :], b[group.clamp(max=b.shape[0] - 1)]).squeeze(1)
     fn = getattr(F, "grouped_mm", None) or torch._grouped_mm

@@ -7,7 +7,7 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.kv_cache import LatentKVCache
-from model.layers import MLP, RMSNorm, RotaryEmbedding
+from model.layers import MLP, LMHead, RMSNorm, RotaryEmbedding
 from model.mla import MLA
 from model.moe import MoE
 
@@ -60,7 +60,7 @@ class Transformer(nn.Module):
         self.rotary = RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim, cfg.max_position_embeddings, cfg.rope_interleave)
         self.layers = nn.ModuleList(Block(cfg, i, with_routed_experts) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.head = LMHead(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def new_cache(self, capacity_tokens: int, block_size: int = 16) -> LatentKVCache:
         p = self.head.weight
@@ -79,7 +79,7 @@ class Transformer(nn.Module):
             x = block(x, rot, pool[block.layer], write_slots, context)
         if not all_logits:
             x = x[:, -1:]
-        return self.head(self.norm(x)).float()
+        return self.head(self.norm(x))  # fp32
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, cache: LatentKVCache, seq: object, all_logits: bool = False) -> torch.Tensor:

@@ -70,6 +70,21 @@ def test_deregister_deletes_record_at_once(store):
     assert redis_store.list_replicas(client, keys) == []
 
 
+def test_a_restarted_replica_replaces_the_record_its_dead_predecessor_left(store):
+    client, keys = store
+    dead = expert_record()
+    dead.endpoints = {"grpc": "127.0.0.1:1111", "ucx": "127.0.0.1:2222"}
+    client.set(keys.replica("expert", dead.id), dead.to_json(), px=30_000)  # killed, never deregistered
+    successor = expert_record()
+    successor.endpoints = {"grpc": "127.0.0.1:1111", "ucx": "127.0.0.1:3333"}
+    registry = redis_store.Registry(client, keys, successor, ttl_s=30, interval_s=5).start()
+    try:
+        (live,) = redis_store.list_replicas(client, keys)
+        assert live.endpoints["ucx"] == "127.0.0.1:3333" and live.pid == successor.pid
+    finally:
+        registry.stop()
+
+
 def test_draining_mark_written_by_router_survives_heartbeats(store):
     client, keys = store
     registry = redis_store.Registry(client, keys, expert_record(), ttl_s=5, interval_s=5).start()

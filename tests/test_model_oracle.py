@@ -144,3 +144,18 @@ def test_decode_gather_table_masks_padding_of_shorter_sequences():
     assert (bias[0] == 0).all() and (bias[1, :2] == 0).all() and torch.isinf(bias[1, 2:]).all()
     _, valid = cache.context(["a", "b"], [6, 2])  # the boolean form stays as it was
     assert valid.tolist() == [[True] * 6, [True, True] + [False] * 4]
+
+
+def test_lm_head_prepacked_on_cpu_matches_linear_and_follows_weight_writes():
+    """The CPU head runs on a prepacked copy of its weight: it must agree with F.linear, in any
+    batch shape, and repack after an in-place weight write rather than serve stale logits."""
+    from model.layers import LMHead
+
+    head, bf16 = LMHead(64, 300, bias=False), LMHead(64, 300, bias=False).to(torch.bfloat16)
+    x = torch.randn(5, 1, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.allclose(head(x), torch.nn.functional.linear(x, head.weight), atol=1e-5)
+        head.weight.mul_(2)
+        assert torch.allclose(head(x[:1]), torch.nn.functional.linear(x[:1], head.weight), atol=1e-5)
+        out = bf16(x.bfloat16())
+    assert out.dtype == torch.float32 and out.shape == (5, 1, 300)

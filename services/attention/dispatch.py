@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
 from torch import nn
 
 from services.common.errors import Unavailable
@@ -26,6 +26,10 @@ from services.transport.base import ExpertBatch, ReplicaUnavailable, Transport
 log = get_logger("attention.dispatch")
 
 COMBINE_WAIT = Histogram("moe_attention_combine_wait_seconds", "Time a MoE layer waits for its expert replies")
+PLANE_BYTES = Counter("moe_dispatch_plane_bytes_total",
+                      "Hidden-state bytes dispatched (in the dispatch dtype), by whether they cross network planes",
+                      ["crossing"])
+WIRE_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}  # per hidden value; fp8 scales are 1/128 of that more
 DEAD_REPLICA_S = 10.0  # how long a replica that failed is avoided, unless a new plan says otherwise
 
 
@@ -73,6 +77,7 @@ class Dispatcher:
         self.attempts = attempts
         self._clients: dict[str, object] = {}
         self._dead: dict[str, float] = {}  # replica id -> monotonic time it failed
+        self._dead_plan_version = 0  # the plan version those failures were seen under
         self._turn = itertools.count()
         self._lock = threading.Lock()
         self.wait_seconds = 0.0  # accumulated combine wait, read by the scheduler for step splits
@@ -98,9 +103,14 @@ class Dispatcher:
             return client
 
     def _choose(self, plan: Plan, layer: int, expert: int) -> PlanReplica | None:
-        candidates = [r for r in plan.replicas_for(layer, expert) if self._alive(r)]
-        if not candidates:
+        """A replica for (layer, expert): live ones first, spread over the best plane's; when
+        every listed replica failed recently, the one that failed longest ago (it may be back)."""
+        listed = plan.replicas_for(layer, expert)
+        if not listed:
             return None
+        candidates = [r for r in listed if self._alive(r)]
+        if not candidates:
+            return min(listed, key=lambda r: self._dead.get(r.id, 0.0))
         best_plane = [r for r in candidates if r.plane == candidates[0].plane]
         return best_plane[next(self._turn) % len(best_plane)]  # spread over redundant replicas
 
@@ -110,6 +120,9 @@ class Dispatcher:
         plan = self.plans.get()
         if plan is None:
             raise Unavailable("no routing plan yet: is the router running?")
+        if plan.version != self._dead_plan_version:  # membership changed: judge replicas afresh
+            self._dead.clear()
+            self._dead_plan_version = plan.version
         assignment: dict[str, tuple[PlanReplica, torch.Tensor]] = {}
         missing = []
         for expert in torch.unique(pending.ids[slots]).tolist():
@@ -132,6 +145,8 @@ class Dispatcher:
                 expert_ids=torch.where(part_slots, pending.ids[rows], -1).to(torch.int32),
                 weights=torch.where(part_slots, pending.weights[rows], 0.0).float(),
             )
+            crossing = "cross_plane" if replica.plane != self.plans.plane else "same_plane"
+            PLANE_BYTES.labels(crossing).inc(batch.hidden.numel() * WIRE_BYTES[self.transport.dispatch_dtype])
             try:
                 future = self._client(replica).submit(batch, self.timeout_s)
             except ReplicaUnavailable as err:

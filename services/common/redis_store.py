@@ -76,6 +76,11 @@ class Keys:
     def plan_channel(self) -> str:
         return self._k("plan")
 
+    @property
+    def router_epoch(self) -> str:
+        """Set by the router, no expiry: when it is gone, Redis lost its data (restarted empty)."""
+        return self._k("router", "epoch")
+
     def load(self, window: int, layer: int) -> str:
         return self._k("load", window, layer)
 
@@ -187,8 +192,17 @@ class Registry:
         return True
 
     def start(self) -> "Registry":
-        """Register (best effort) and start the heartbeat thread."""
-        self.heartbeat()
+        """Register (best effort) and start the heartbeat thread.
+
+        The first write replaces the record: a record left by a dead predecessor with the same id
+        (killed before it could deregister) must not survive with its old endpoints."""
+        try:
+            self.register()
+            self.beats += 1
+        except redis.RedisError as err:
+            event(log, "redis unreachable, heartbeat will register", level=logging.WARNING,
+                  key=self.key, error=str(err))
+            self.outage = True
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{self.record.id}", daemon=True)
         self._thread.start()
         return self

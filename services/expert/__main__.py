@@ -105,10 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     service = Service("expert", args, [SERVICE_NAME], max_workers=MAX_STREAMS)
     servicer = ExpertShardServicer(shard)
     expert_pb2_grpc.add_ExpertShardServicer_to_server(servicer, service.server)
+    # The UCX listener first: once health says SERVING, both data paths must accept connections.
+    ucx = start_ucx(args.ucx_port, shard) if args.ucx_port > 0 else None
     port = service.start()
     host = advertise_host(args)
     endpoints = {"grpc": f"{host}:{port}"}
-    ucx = start_ucx(args.ucx_port, shard) if args.ucx_port > 0 else None
     if ucx is not None:
         endpoints["ucx"] = f"{host}:{args.ucx_port}"
 

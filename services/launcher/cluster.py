@@ -385,10 +385,16 @@ class LocalCluster:
         return self
 
     def start_process(self, name: str) -> ManagedProcess:
-        """(Re)start one process with its original command, ports and replica id."""
+        """(Re)start one process with its original command, ports and replica id. A restarted
+        expert gets a new UCX port: UCX listeners do not reuse an address still in TIME_WAIT from
+        the killed process's connections (the registry carries the new endpoint to workers)."""
         proc = self.processes[name]
         if proc.running():
             return proc
+        if proc.ucx_port and proc.current_pid() is not None:
+            proc.ucx_port = free_ports(1)[0]
+            at = proc.cmd.index("--ucx-port") + 1
+            proc.cmd = proc.cmd[:at] + [str(proc.ucx_port)] + proc.cmd[at + 1:]
         proc.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(proc.log_path, "ab") as log:
             log.write(f"---- start {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(proc.cmd)}\n".encode())

@@ -50,6 +50,8 @@ class RouterState:
         self._thread: threading.Thread | None = None
         self.outage = False
         self.unpublished = False  # a plan built while Redis was down, to write when it returns
+        self._settle_until = 0.0  # after Redis lost its data: no rebuild before replicas re-registered
+        self._epoch_seen = False  # whether this router has seen its epoch key in Redis
 
     # ---- registry -> plan -------------------------------------------------------------------
     def resume_from_redis(self) -> None:
@@ -87,6 +89,16 @@ class RouterState:
             if self.outage:
                 event(log, "redis reachable again")
             self.outage = False
+            if self._redis_lost_its_data():
+                # A Redis that came back empty holds no replica records until each replica's next
+                # heartbeat: wait for those before judging membership, or the plan would briefly
+                # declare every live expert missing.
+                self._settle_until = time.monotonic() + redis_store.HEARTBEAT_S * 2 + self.poll_s
+                self.unpublished = True  # the stored plan went with the data: write it again
+                event(log, "redis came back empty, waiting for replicas to re-register",
+                      settle_s=round(self._settle_until - time.monotonic(), 1))
+            if time.monotonic() < self._settle_until:
+                return False
             self.records = records
             live_ids = {r.id for r in records}
             now = time.monotonic()
@@ -98,6 +110,16 @@ class RouterState:
             for kind in redis_store.KINDS:
                 LIVE_REPLICAS.labels(kind).set(sum(r.kind == kind for r in records))
             return self._rebuild()
+
+    def _redis_lost_its_data(self) -> bool:
+        """True once per loss: the epoch key this router set is gone (it never expires)."""
+        try:
+            created = self.client.set(self.keys.router_epoch, str(time.time()), nx=True)
+        except redis.RedisError:
+            return False
+        lost = bool(created) and self._epoch_seen
+        self._epoch_seen = True
+        return lost
 
     def _rebuild(self) -> bool:
         candidate = placement.build_plan(self.records, moe_layers=self.moe_layers,

@@ -88,6 +88,7 @@ class ExpertClient(ABC):
 
 class Transport(ABC):
     name: str
+    dispatch_dtype: str  # "fp32" | "bf16" | "fp8": how hidden states travel
 
     @abstractmethod
     def connect(self, replica: ReplicaLike) -> ExpertClient:
