@@ -6,38 +6,10 @@ from pathlib import Path
 
 import torch
 
-V3_TINY = dict(
-    vocab_size=320,
-    hidden_size=64,
-    intermediate_size=128,
-    moe_intermediate_size=32,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    n_routed_experts=8,
-    n_shared_experts=1,
-    n_group=4,
-    topk_group=2,
-    num_experts_per_tok=3,
-    first_k_dense_replace=1,
-    kv_lora_rank=32,
-    q_lora_rank=48,
-    qk_rope_head_dim=16,
-    qk_nope_head_dim=16,
-    v_head_dim=24,
-    routed_scaling_factor=2.5,
-    max_position_embeddings=256,
-    rope_parameters={
-        "rope_type": "yarn",
-        "rope_theta": 10000.0,
-        "factor": 4.0,
-        "original_max_position_embeddings": 64,
-        "mscale": 1.0,
-        "mscale_all_dim": 1.0,
-        "beta_fast": 32,
-        "beta_slow": 1,
-    },
-)
+from services.commands.demo_model import DEMO_CONFIG
+
+# V3-style (sigmoid + correction bias, 4 groups, YaRN): the same config `make run`'s demo model uses.
+V3_TINY = DEMO_CONFIG
 
 V2_LITE_TINY = dict(
     vocab_size=300,

@@ -12,7 +12,8 @@ import sys
 import pytest
 
 from services.client import Client
-from services.launcher.cluster import cluster_pids, expert_plane, pid_alive, split_experts
+from services.launcher.cluster import expert_plane, split_experts
+from services.launcher.processes import cluster_pids, pid_alive
 
 pytestmark = pytest.mark.cluster
 

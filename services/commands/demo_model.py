@@ -3,7 +3,7 @@
 The demo model is a tiny random DeepSeek-V3-style checkpoint (sigmoid gate with correction bias,
 4 expert groups, YaRN RoPE, one dense layer then two MoE layers of 8 routed experts), written by
 `transformers` itself so it is exactly what the correctness oracle loads. Nothing is downloaded.
-The config mirrors tests/checkpoints.py's V3_TINY (tests/ is not an installed package).
+The tests build their V3-style fixture from this same config.
 Does nothing when DIR already holds a checkpoint.
 """
 
