@@ -28,6 +28,7 @@ from moe.v1 import expert_pb2, expert_pb2_grpc
 from services.common import tensors
 from services.common.errors import InvalidArgument
 from services.common.logging import event, get_logger
+from services.transport import fp8
 from services.transport.base import (
     DISPATCH_BYTES,
     DISPATCH_FAILURES,
@@ -65,8 +66,6 @@ def encode_request(batch: ExpertBatch, sequence: int, dispatch_dtype: str) -> ex
         tensors.encode(batch.hidden, request.hidden)
         tensors.encode(batch.hidden_scales, request.hidden_scales)
     elif dispatch_dtype == "fp8":
-        from services.transport import fp8
-
         q, scales = fp8.encode_hidden(batch.hidden, "fp8")
         tensors.encode(q, request.hidden)
         tensors.encode(scales, request.hidden_scales)
@@ -282,11 +281,6 @@ class GrpcTransport(Transport):
     def __init__(self, dispatch_dtype: str, channel_options: tuple = CHANNEL_OPTIONS) -> None:
         self.dispatch_dtype = check_dispatch_dtype(dispatch_dtype)
         self.channel_options = channel_options
-        if dispatch_dtype == "fp8":  # fail at startup, not on the first dispatch
-            try:
-                from services.transport import fp8  # noqa: F401
-            except ImportError as err:
-                raise RuntimeError(f"fp8 dispatch needs services/transport/fp8.py: {err}") from err
 
     def connect(self, replica: ReplicaLike) -> GrpcExpertClient:
         target = (replica.endpoints or {}).get("grpc")
