@@ -25,7 +25,8 @@ from services.common.redis_server import RedisServer
 from services.common.redis_store import Keys, ReplicaRecord, connect, list_replicas
 from services.common.server import build_server
 from services.expert.servicer import ExpertShardServicer
-from services.expert.shard import ExpertShard, parse_expert_ids
+from services.common.expert_ids import parse_expert_ids
+from services.expert.shard import ExpertShard
 from services.transport import ExpertBatch, ReplicaUnavailable, make_transport
 from services.transport.grpc_transport import GrpcExpertClient
 

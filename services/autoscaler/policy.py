@@ -26,49 +26,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
+from services.common.expert_ids import parse_expert_ids
+
 DEFAULT_STABILISATION_S = 60.0
 DEFAULT_DOWN_INTERVAL_S = 15.0
 HOT_EXPERTS = 3
-
-
-def parse_expert_ids(spec: str) -> tuple[int, ...]:
-    """"0-7", "0,2,5", "0-3,8-11" -> sorted unique ids (the --experts syntax of services.expert).
-
-    Kept here rather than imported from services/expert/shard.py, which pulls in torch: the
-    autoscaler loads nothing."""
-    ids: set[int] = set()
-    for part in (p.strip() for p in str(spec).split(",")):
-        if not part:
-            continue
-        try:
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                if lo > hi or lo < 0:
-                    raise ValueError
-                ids.update(range(lo, hi + 1))
-            else:
-                value = int(part)
-                if value < 0:
-                    raise ValueError
-                ids.add(value)
-        except ValueError:
-            raise ValueError(f"expert list '{spec}': '{part}' is not an id or an a-b range") from None
-    if not ids:
-        raise ValueError(f"expert list '{spec}' names no expert")
-    return tuple(sorted(ids))
-
-
-def format_ids(ids: Iterable[int]) -> str:
-    """(0, 1, 2, 3, 8) -> "0-3,8"."""
-    ids = sorted(ids)
-    out, i = [], 0
-    while i < len(ids):
-        j = i
-        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
-            j += 1
-        out.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
-        i = j + 1
-    return ",".join(out)
 
 
 @dataclass(frozen=True)
@@ -262,7 +224,7 @@ def parse_targets(text: str) -> list[ShardSpec]:
             expert_ids = tuple(sorted(set(experts)))
         elif isinstance(experts, str):
             try:
-                expert_ids = parse_expert_ids(experts)
+                expert_ids = tuple(parse_expert_ids(experts))
             except ValueError as err:
                 raise ValueError(f"{where}: {err}") from None
         else:

@@ -25,6 +25,7 @@ from typing import Callable, Protocol
 import torch
 from prometheus_client import Counter, Histogram
 
+from services.common.expert_ids import format_expert_ids
 from services.common.errors import InvalidArgument, Unavailable
 from services.common.logging import event, get_logger
 from services.transport.base import ExpertBatch
@@ -63,43 +64,6 @@ class _Work:
     out_dtype: torch.dtype
     future: concurrent.futures.Future
     queued: float              # time.monotonic()
-
-
-def parse_expert_ids(spec: str, n_routed_experts: int | None = None) -> list[int]:
-    """"0-7", "0,2,5", "0-3,8-11" -> sorted unique ids; ValueError names the bad part."""
-    ids: set[int] = set()
-    for part in (p.strip() for p in spec.split(",")):
-        if not part:
-            continue
-        try:
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                if lo > hi:
-                    raise ValueError
-                ids.update(range(lo, hi + 1))
-            else:
-                ids.add(int(part))
-        except ValueError:
-            raise ValueError(f"expert list '{spec}': '{part}' is not an id or an a-b range") from None
-    if not ids:
-        raise ValueError(f"expert list '{spec}' names no expert")
-    if n_routed_experts is not None:
-        bad = sorted(e for e in ids if not 0 <= e < n_routed_experts)
-        if bad:
-            raise ValueError(f"expert list '{spec}': ids {bad} outside [0, {n_routed_experts})")
-    return sorted(ids)
-
-
-def compact_ids(ids: list[int]) -> str:
-    """[0, 1, 2, 3, 8] -> "0-3,8"."""
-    out, i = [], 0
-    while i < len(ids):
-        j = i
-        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
-            j += 1
-        out.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
-        i = j + 1
-    return ",".join(out)
 
 
 class ExpertShard:
@@ -220,7 +184,7 @@ class ExpertShard:
         layer = batch.layer
         if layer not in self.banks:
             raise InvalidArgument(f"layer {layer} is not a MoE layer held by this shard "
-                                  f"(layers held: {compact_ids(self.layers)})")
+                                  f"(layers held: {format_expert_ids(self.layers)})")
         hidden, ids, weights, scales = batch.hidden, batch.expert_ids, batch.weights, batch.hidden_scales
         if hidden.dtype not in HIDDEN_DTYPES:
             raise InvalidArgument(f"hidden: dtype {_name(hidden.dtype)} is not accepted "
@@ -248,7 +212,7 @@ class ExpertShard:
             if not bool(held.all()):
                 bad = sorted(set(ids[~held].tolist()))[:8]
                 raise InvalidArgument(f"expert_ids: experts {bad} are not held by this shard "
-                                      f"(holds {compact_ids(self.expert_ids)}; -1 marks a slot for another replica)")
+                                      f"(holds {format_expert_ids(self.expert_ids)}; -1 marks a slot for another replica)")
             if not bool(torch.isfinite(weights).all()):
                 raise InvalidArgument("weights: NaN or Inf among the routing weights")
         if hidden.dtype == torch.float8_e4m3fn:

@@ -7,24 +7,18 @@ from pathlib import Path
 from typing import Any
 
 from model.config import ModelConfig
+from services.common import expert_ids
 from services.planner.estimate import DeploymentError
 
 GPU_RESOURCE = "nvidia.com/gpu"
 
 
 def parse_expert_ids(spec: str, n_experts: int) -> list[int]:
-    """`0-7`, `0,2,5` or `0-3,8-11` (the expert shard's --experts syntax) as a list of ids."""
-    ids: list[int] = []
-    for part in str(spec).split(","):
-        first, _, last = part.strip().partition("-")
-        try:
-            lo, hi = int(first), int(last or first)
-        except ValueError:
-            raise DeploymentError(f"bad expert list '{spec}': expected ids and ranges like 0-3,8-11") from None
-        if not 0 <= lo <= hi < n_experts:
-            raise DeploymentError(f"bad expert range '{part.strip()}' in '{spec}': ids run 0..{n_experts - 1}")
-        ids.extend(range(lo, hi + 1))
-    return ids
+    """A shard's `experts` value as ids, the planner's error type on bad input."""
+    try:
+        return expert_ids.parse_expert_ids(spec, n_experts)
+    except ValueError as err:
+        raise DeploymentError(f"bad expert range: {err}") from None
 
 
 def _gpus(resources: Any) -> int:
