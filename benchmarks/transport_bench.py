@@ -6,17 +6,20 @@
 For message sizes 4 KiB .. 16 MiB, between two processes on this machine:
   one-way bandwidth  k messages streamed, one ack at the end        (GB/s)
   round trip         send N bytes, get the same N back, per message  (median microseconds)
-for: raw UCX tag messages (ucxx, endpoint from a listener; then the variants below), our UCX
-expert path (UcxExpertClient frames against serve_ucx, echo compute, fp32), a gRPC
-bidirectional stream with bytes payloads (benchmark-only generic handler, no protos), and
-torch copy_ of the same bytes in one process as the ceiling.
+for: our UCX expert path (UcxExpertClient frames against serve_ucx, echo compute, fp32; its
+bandwidth counts both directions, its round trip is submit -> result), raw UCX tag messages
+through UCXX's asyncio API (endpoint from a listener; the variants below), a gRPC bidirectional
+stream with bytes payloads (benchmark-only generic handler, no protos), and torch copy_ of the same
+bytes in one process as the ceiling.
 
-UCX variants (each a fresh client/server process pair, since UCX reads its settings at start):
-progress UCXPY_PROGRESS_MODE = thread (with UCXPY_ENABLE_PYTHON_FUTURE=1: ours) | thread or
-blocking with UCXX's re-polling wait | polling; UCXPY_ENABLE_DELAYED_SUBMISSION=0; rendezvous
-threshold UCX_RNDV_THRESH = ucxx's 8 KiB vs 1 MiB; an endpoint created from the server's worker
-address instead of the listener. Each also reports the CPU one process burns per second while
-it only waits on a posted receive (what an idle worker or shard pays per process).
+Variants (each a fresh client/server process pair, since UCX reads its settings at start).
+UCXX asyncio: progress UCXPY_PROGRESS_MODE = thread with UCXPY_ENABLE_PYTHON_FUTURE=1 (its
+default, what our path used before its own progress thread) | thread or blocking with UCXX's
+re-polling wait | polling; UCXPY_ENABLE_DELAYED_SUBMISSION=0; rendezvous threshold
+UCX_RNDV_THRESH = ucxx's 8 KiB vs 1 MiB; an endpoint created from the server's worker address
+instead of the listener. Ours: default | UCX_RNDV_THRESH=inf (eager tails) | UCXPY_PROGRESS_MODE=
+polling (its progress thread spins). Each reports the CPU a process burns per second while it only
+waits (raw: a posted receive; ours: a request the server holds for a second, both processes).
 
 Where copies happen: gRPC needs a Python `bytes` per message (one copy from the tensor, made
 once here outside the timing, but paid on every real call) plus its own serialisation buffers;
@@ -51,6 +54,7 @@ from services.transport import fp8  # noqa: E402
 SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20]
 SINK, ECHO, STOP, IDLE = 1, 2, 3, 4
 IDLE_S = 1.0
+IDLE_LAYER = -1               # expert path: the echo server holds this request IDLE_S seconds
 READY_DEADLINE_S = 60.0
 EXPERT_HIDDEN = 1024          # expert-path rows: tokens = bytes / (1024 * 4)
 V3 = {"name": "DeepSeek-V3", "hidden": 7168, "topk": 8}
@@ -156,10 +160,20 @@ def serve_ucx_raw(by_address: bool) -> None:
     asyncio.run(main())
 
 
+def _echo(batch) -> torch.Tensor:
+    """Echo, which isolates the transport; or, for IDLE_LAYER, wait IDLE_S and answer with the CPU
+    this process burned per second meanwhile (its progress thread waiting on an open endpoint)."""
+    if batch.layer != IDLE_LAYER:
+        return batch.hidden
+    cpu, wall = time.process_time(), time.perf_counter()
+    time.sleep(IDLE_S)
+    return torch.full_like(batch.hidden, (time.process_time() - cpu) / (time.perf_counter() - wall))
+
+
 def serve_ucx_expert() -> None:
     from services.transport.ucx_transport import serve_ucx
 
-    server = serve_ucx(0, lambda batch: batch.hidden)     # echo: isolates the transport
+    server = serve_ucx(0, _echo)
     print(f"READY {server.port}", flush=True)
     threading.Event().wait()
 
@@ -190,6 +204,10 @@ def client_ucx_expert(port: int, sizes: list[int], quick: bool) -> dict:
             client.submit(batch, 60).result()
             rtts.append(time.perf_counter() - start)
         rows[size] = (bandwidth, statistics.median(rtts))
+    idle = ExpertBatch(IDLE_LAYER, torch.ones(1, EXPERT_HIDDEN), torch.zeros(1, 8, dtype=torch.int32), torch.ones(1, 8))
+    cpu, wall = time.process_time(), time.perf_counter()
+    rows["idle_cpu_server"] = float(client.submit(idle, 60).result()[0, 0])
+    rows["idle_cpu"] = (time.process_time() - cpu) / (time.perf_counter() - wall)
     client.close()
     return rows
 
@@ -327,9 +345,10 @@ def print_table(results: dict[str, dict], reference: str, peer: str) -> None:
         for size in SIZES:
             cells = [results[n].get(size, (float("nan"),) * 2)[index] * unit for n in names]
             print(f"{_kib(size):>8} | " + " | ".join(f"{c:>22.3f}" for c in cells))
-    idle = {n: r["idle_cpu"] for n, r in results.items() if "idle_cpu" in r}
-    print("-- CPU-seconds per second while waiting on a posted receive: "
-          + ", ".join(f"{n}: {v:.2f}" for n, v in idle.items()))
+    idle = {f"{n}{' (client)' if 'idle_cpu_server' in r else ''}": r["idle_cpu"]
+            for n, r in results.items() if "idle_cpu" in r}
+    idle.update({f"{n} (server)": r["idle_cpu_server"] for n, r in results.items() if "idle_cpu_server" in r})
+    print("-- CPU-seconds per second while waiting: " + ", ".join(f"{n}: {v:.3f}" for n, v in idle.items()))
     print(f"\n-- {reference} / {peer} (bandwidth ratio, >1 = {reference} faster; latency ratio, <1 = lower)")
     for size in SIZES:
         ref, other = results[reference][size], results[peer][size]
@@ -354,15 +373,21 @@ def print_wire_bytes() -> None:
         assert fp8.hidden_bytes_per_token(hidden, "fp8") <= 0.27 * base_act
 
 
-DEFAULT_UCX = {"UCXPY_PROGRESS_MODE": "thread", "UCXPY_ENABLE_PYTHON_FUTURE": "1"}   # ucx_transport's
-UCX_VARIANTS = {   # name -> environment; the first is the reference
-    "ucx thread+futures (ours)": DEFAULT_UCX,
-    "ucx thread, spin wait": {"UCXPY_PROGRESS_MODE": "thread", "UCXPY_ENABLE_PYTHON_FUTURE": "0"},
-    "ucx blocking, spin wait": {"UCXPY_PROGRESS_MODE": "blocking"},
-    "ucx polling": {"UCXPY_PROGRESS_MODE": "polling"},
-    "ucx no delayed submit": {**DEFAULT_UCX, "UCXPY_ENABLE_DELAYED_SUBMISSION": "0"},
-    "ucx RNDV_THRESH=1mb": {**DEFAULT_UCX, "UCX_RNDV_THRESH": "1mb"},
-    "ucx worker-address ep": {**DEFAULT_UCX, "BENCH_BY_ADDRESS": "1"},
+OURS = "ucx expert (ours)"
+DEFAULT_UCX = {"UCXPY_PROGRESS_MODE": "thread", "UCXPY_ENABLE_PYTHON_FUTURE": "1"}   # UCXX asyncio's
+UCX_VARIANTS = {   # name -> environment; the first two run in --quick
+    "ucxx thread+futures": DEFAULT_UCX,
+    "ucxx blocking, spin wait": {"UCXPY_PROGRESS_MODE": "blocking"},
+    "ucxx thread, spin wait": {"UCXPY_PROGRESS_MODE": "thread", "UCXPY_ENABLE_PYTHON_FUTURE": "0"},
+    "ucxx polling": {"UCXPY_PROGRESS_MODE": "polling"},
+    "ucxx no delayed submit": {**DEFAULT_UCX, "UCXPY_ENABLE_DELAYED_SUBMISSION": "0"},
+    "ucxx RNDV_THRESH=1mb": {**DEFAULT_UCX, "UCX_RNDV_THRESH": "1mb"},
+    "ucxx worker-address ep": {**DEFAULT_UCX, "BENCH_BY_ADDRESS": "1"},
+}
+EXPERT_VARIANTS = {   # name -> environment; the first is ours as deployed, the only one in --quick
+    OURS: {},
+    "ours, RNDV_THRESH=inf": {"UCX_RNDV_THRESH": "inf"},
+    "ours, polling": {"UCXPY_PROGRESS_MODE": "polling"},
 }
 
 
@@ -375,20 +400,18 @@ def orchestrate(quick: bool) -> None:
     print(f"transport_bench: {version}; torch {torch.__version__}; {os.cpu_count()} CPUs; "
           f"load average {os.getloadavg()[0]:.1f}")
     results: dict[str, dict] = {}
-    variants = list(UCX_VARIANTS.items())[:2] if quick else list(UCX_VARIANTS.items())
     base_env = {"UCX_WARN_UNUSED_ENV_VARS": "n"}
-    for name, env in variants:
+    for name, env in list(EXPERT_VARIANTS.items())[:1 if quick else None]:
+        results[name] = _measure("serve-ucx-expert", "client-ucx-expert", {**base_env, **env}, quick)
+        print(f"measured {name}", flush=True)
+    for name, env in list(UCX_VARIANTS.items())[:2 if quick else None]:
         role = "serve-ucx-address" if env.get("BENCH_BY_ADDRESS") else "serve-ucx"
         results[name] = _measure(role, "client-ucx", {**base_env, **env}, quick)
         print(f"measured {name}", flush=True)
-    results["ucx expert frames"] = _measure("serve-ucx-expert", "client-ucx-expert", base_env, quick)
-    if not quick:
-        results["ucx expert, blocking"] = _measure("serve-ucx-expert", "client-ucx-expert",
-                                                   {**base_env, "UCXPY_PROGRESS_MODE": "blocking"}, quick)
     results["grpc bidi stream"] = _measure("serve-grpc", "client-grpc", {}, quick)
     results["torch copy_ (ceiling)"] = memcpy_rows(SIZES, quick)
-    print("note: 'ucx expert frames' bandwidth counts both directions (echo); round trip = submit -> result")
-    print_table(results, "ucx thread+futures (ours)", "grpc bidi stream")
+    print("note: the expert rows' bandwidth counts both directions (echo); round trip = submit -> result")
+    print_table(results, OURS, "grpc bidi stream")
     print_wire_bytes()
 
 

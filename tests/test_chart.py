@@ -363,7 +363,7 @@ def test_model_is_mounted_read_only_where_weights_are_loaded(render, helm):
 
 def test_env_names_are_the_contracts(render):
     contract = set(re.findall(r"`(MOE_[A-Z_]+)`", CONTRACTS.read_text()))
-    extra_allowed = {"UCX_NET_DEVICES", "UCXPY_PROGRESS_MODE", "UCXPY_ENABLE_PYTHON_FUTURE", "REDIS_PASSWORD", "REDISCLI_AUTH"}  # UCX's and Redis' own
+    extra_allowed = {"UCX_NET_DEVICES", "UCXPY_PROGRESS_MODE", "REDIS_PASSWORD", "REDISCLI_AUTH"}  # UCX's and Redis' own
     for values in CI:
         for name, tpl in pod_templates(render(values)):
             for c in tpl["spec"]["containers"]:

@@ -23,6 +23,8 @@ pytestmark = pytest.mark.skipif(not UCX_OK, reason=f"ucxx cannot be imported: {U
 STARTUP_DEADLINE_S = 60.0
 LAYER_THAT_REJECTS = 99        # the test compute refuses this layer as bad input
 LAYER_THAT_HANGS = 98          # ... and never answers this one (until the process dies)
+LAYER_THAT_IS_SLOW = 97        # ... and answers this one after SLOW_S
+SLOW_S = 1.0
 
 
 @dataclass
@@ -37,6 +39,8 @@ def _scaled_by_weight_sum(batch: ExpertBatch) -> torch.Tensor:
         raise InvalidArgument(f"layer {batch.layer} is not held here")
     if batch.layer == LAYER_THAT_HANGS:
         threading.Event().wait()
+    if batch.layer == LAYER_THAT_IS_SLOW:
+        time.sleep(SLOW_S)
     out_dtype = torch.float32 if batch.hidden.dtype == torch.float8_e4m3fn else batch.hidden.dtype
     x = fp8.decode_hidden(batch.hidden, batch.hidden_scales, torch.float32)
     return (x * batch.weights.sum(-1, keepdim=True)).to(out_dtype)
@@ -179,6 +183,49 @@ def test_hung_replica_fails_the_future_at_its_timeout(shared):
         assert 0.5 <= time.monotonic() - started <= 5.0
     finally:
         client.close()
+
+
+def test_reply_after_the_timeout_is_dropped_and_the_endpoint_keeps_serving(shared):
+    client = _connect(shared, "fp32")
+    try:
+        # 300 x 512 fp32: the late reply has a tail, which must land in the receive posted for it
+        with pytest.raises(ReplicaUnavailable, match="no reply within"):
+            client.submit(_batch(300, 512, layer=LAYER_THAT_IS_SLOW), timeout=0.2).result(timeout=10.0)
+        time.sleep(SLOW_S)   # the late reply arrives meanwhile
+        batch = _batch(300, 512, seed=5)
+        torch.testing.assert_close(client.submit(batch, timeout=30.0).result(timeout=60.0), _expected(batch))
+        assert client.connections_opened == 1
+    finally:
+        client.close()
+
+
+def test_concurrent_callers_and_workers_get_their_own_replies(shared):
+    """Frames from several threads of one client interleave on one endpoint, and several clients
+    (workers) share the listener; every caller gets the reply to its own batch."""
+    clients = [_connect(shared, "bf16") for _ in range(3)]
+    failures: list[BaseException] = []
+
+    def caller(client, seed: int) -> None:
+        try:
+            for i in range(5):
+                batch = _batch(4 if i % 2 else 200, 256, seed=seed * 10 + i)
+                out = client.submit(batch, timeout=30.0).result(timeout=60.0)
+                torch.testing.assert_close(out, _expected(batch), rtol=2 ** -6, atol=1e-2)
+        except BaseException as err:  # noqa: BLE001 - reported by the test thread
+            failures.append(err)
+
+    threads = [threading.Thread(target=caller, args=(client, 2 * n + k)) for n, client in enumerate(clients)
+               for k in range(2)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert not failures, failures
+        assert [client.connections_opened for client in clients] == [1, 1, 1]
+    finally:
+        for client in clients:
+            client.close()
 
 
 def test_closed_client_fails_pending_and_new_work():

@@ -2,9 +2,17 @@
 
 Every request and reply starts with a *head* message: a fixed 48-byte header followed by as
 many leading sections as fit in INLINE_LIMIT bytes (each 8-byte aligned). Sections that do
-not fit follow, in order, as one tag message each, sent straight from the tensor's memory and
-received straight into a preallocated tensor. Both sides derive the split from the header
-alone, so no length prefix or probe is needed; UCX keeps tag messages of one endpoint in order.
+not fit follow as one tag message each, sent straight from the tensor's memory and received
+straight into a preallocated tensor. Both sides derive the split from the header alone, so no
+length prefix or probe is needed.
+
+Tags (64 bits): link << 32 | direction << 31 | part << 24 | sequence mod 2^24. `link` is a random
+id the connecting side picks per endpoint and sends first over UCX's stream API (8 bytes,
+little-endian); UCX matches tags per worker, not per endpoint, so the link keeps one listener's
+endpoints (and a client and a listener sharing a process) apart. Part 0 is the head, part i the
+i-th tail. Heads are received with HEAD_MASK (any sequence); every tail has its own exact tag, so
+frames sent concurrently from several threads may interleave on the wire, and a requester can
+post the receive for a reply's tail before the reply exists.
 
     request sections: expert_ids int32 [T, K], weights float32 [T, K],
                       scales float32 [T, ceil(H/128)] (fp8 only), hidden wire dtype [T, H]
@@ -19,9 +27,12 @@ sequence u64, layer i32, tokens i32, hidden i32, topk i32, text bytes u32, 12 re
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 MAGIC = 0x3145_4F4D                    # b"MOE1" little-endian
@@ -32,17 +43,21 @@ HEAD_CAPACITY = HEADER.size + INLINE_LIMIT
 GROUP = 128                            # channels per fp8 scale
 
 KIND_REQUEST, KIND_REPLY = 1, 2
+SEQUENCE_BITS = 24
+HEAD_MASK = (1 << 64) - (1 << SEQUENCE_BITS)   # link, direction and part 0; any sequence
 STATUS_OK, STATUS_INVALID, STATUS_UNAVAILABLE, STATUS_ERROR = 0, 1, 2, 3
 DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float8_e4m3fn: 3}
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+# Head messages are packed and unpacked through numpy: a decode step frames thousands of them, and
+# every torch call on a tiny tensor costs microseconds. bf16/fp8 have no numpy type and go as bytes.
+NUMPY_DTYPES = {torch.float32: np.float32, torch.int32: np.int32}
 
 
 class FrameError(ValueError):
     """A head message that is not ours or is inconsistent (a peer bug or a stray sender)."""
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
     kind: int
     status: int
     wire_dtype: torch.dtype | None    # hidden (request) or output (reply) dtype; None for errors
@@ -55,17 +70,13 @@ class Header:
     text_bytes: int = 0
 
 
-@dataclass(frozen=True)
-class Section:
+class Section(NamedTuple):
     shape: tuple[int, ...]
     dtype: torch.dtype
 
     @property
     def nbytes(self) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass
@@ -91,12 +102,19 @@ def _aligned(n: int) -> int:
 
 def inline_count(sections: list[Section], limit: int = INLINE_LIMIT) -> int:
     """How many leading sections travel inside the head message."""
-    used = 0
-    for i, section in enumerate(sections):
-        used = _aligned(used) + section.nbytes
-        if used > limit:
-            return i
-    return len(sections)
+    return len(_inline_offsets([section.nbytes for section in sections], HEADER.size, HEADER.size + limit))
+
+
+def _inline_offsets(sizes: list[int], start: int, end: int) -> list[int]:
+    """Offsets in the head of the leading sections of `sizes` bytes that fit before `end`."""
+    offsets = []
+    for size in sizes:
+        start = _aligned(start)
+        if start + size > end:
+            break
+        offsets.append(start)
+        start += size
+    return offsets
 
 
 def request_sections(header: Header) -> list[Section]:
@@ -114,24 +132,35 @@ def reply_sections(header: Header) -> list[Section]:
     return [Section((header.tokens, header.hidden), header.wire_dtype)]
 
 
+def _host_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's bytes as a flat numpy array."""
+    if tensor.dtype in NUMPY_DTYPES:
+        array = tensor.numpy()
+    else:
+        array = tensor.contiguous().view(torch.uint8).numpy()
+    return np.ascontiguousarray(array).view(np.uint8).reshape(-1)
+
+
+def _host(head: torch.Tensor | np.ndarray) -> np.ndarray:
+    return head if isinstance(head, np.ndarray) else head.numpy()
+
+
 def _pack(header: Header, tensors: list[torch.Tensor], text: bytes = b"") -> Frame:
-    sections = [Section(tuple(t.shape), t.dtype) for t in tensors]
-    n_inline = inline_count(sections)
-    size = HEADER.size + len(text)
-    offsets = []
-    for section in sections[:n_inline]:
-        size = _aligned(size)
-        offsets.append(size)
-        size += section.nbytes
-    head = torch.empty(size, dtype=torch.uint8)
-    HEADER.pack_into(head.numpy(), 0, MAGIC, header.kind, header.status,
+    sizes = [t.nbytes for t in tensors]
+    offsets = _inline_offsets(sizes, HEADER.size + len(text), HEADER.size + INLINE_LIMIT)
+    n_inline = len(offsets)
+    head = torch.empty(offsets[-1] + sizes[n_inline - 1] if offsets else HEADER.size + len(text),
+                       dtype=torch.uint8)
+    buffer = head.numpy()
+    HEADER.pack_into(buffer, 0, MAGIC, header.kind, header.status,
                      DTYPE_CODES.get(header.wire_dtype, 0), DTYPE_CODES.get(header.reply_dtype, 0),
                      header.sequence, header.layer, header.tokens, header.hidden, header.topk, len(text))
-    if text:
-        head[HEADER.size:HEADER.size + len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
-    for offset, tensor in zip(offsets, tensors):
-        raw = byte_view(tensor)
-        head[offset:offset + raw.numel()].copy_(raw)  # small by construction; D2H when on a GPU
+    buffer[HEADER.size:HEADER.size + len(text)] = np.frombuffer(text, dtype=np.uint8)
+    for offset, size, tensor in zip(offsets, sizes, tensors):
+        if tensor.is_cuda:  # D2H
+            head[offset:offset + size].copy_(byte_view(tensor))
+        else:
+            buffer[offset:offset + size] = _host_bytes(tensor)
     return Frame(head, [byte_view(t) for t in tensors[n_inline:]])
 
 
@@ -149,11 +178,15 @@ def encode_request(sequence: int, layer: int, expert_ids: torch.Tensor, weights:
     tokens, hidden_size = hidden.shape
     header = Header(KIND_REQUEST, STATUS_OK, hidden.dtype, reply_dtype, sequence, layer,
                     tokens, hidden_size, int(expert_ids.shape[1]))
-    tensors = [expert_ids.to(torch.int32), weights.to(torch.float32)]
+    tensors = [_as(expert_ids, torch.int32), _as(weights, torch.float32)]
     if scales is not None:
-        tensors.append(scales.to(torch.float32))
+        tensors.append(_as(scales, torch.float32))
     tensors.append(hidden)
     return _pack(header, tensors)
+
+
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def encode_reply(sequence: int, output: torch.Tensor) -> Frame:
@@ -166,10 +199,15 @@ def encode_error(sequence: int, status: int, message: str) -> Frame:
     return _pack(Header(KIND_REPLY, status, None, None, sequence, 0, 0, 0, 0), [], text)
 
 
-def parse_header(head: torch.Tensor, kind: int) -> Header:
+def tag(link: int, kind: int, part: int, sequence: int) -> int:
+    """The UCX tag of part `part` (0: head) of the frame `sequence` of `kind` on link `link`."""
+    return link << 32 | (kind == KIND_REPLY) << 31 | part << SEQUENCE_BITS | sequence % (1 << SEQUENCE_BITS)
+
+
+def parse_header(head: torch.Tensor | np.ndarray, kind: int) -> Header:
     """Header of a received head message (`head` is the uint8 receive buffer)."""
     (magic, got_kind, status, wire_code, reply_code, sequence, layer, tokens, hidden, topk,
-     text_bytes) = HEADER.unpack_from(head.numpy(), 0)
+     text_bytes) = HEADER.unpack_from(_host(head), 0)
     if magic != MAGIC or got_kind != kind:
         raise FrameError(f"not a moe.v1 UCX {'request' if kind == KIND_REQUEST else 'reply'} frame "
                          f"(magic {magic:#x}, kind {got_kind})")
@@ -185,18 +223,21 @@ def parse_header(head: torch.Tensor, kind: int) -> Header:
                   layer, tokens, hidden, topk, text_bytes)
 
 
-def error_text(head: torch.Tensor, header: Header) -> str:
-    return bytes(head[HEADER.size:HEADER.size + header.text_bytes].numpy()).decode("utf-8", "replace")
+def error_text(head: torch.Tensor | np.ndarray, header: Header) -> str:
+    return bytes(_host(head)[HEADER.size:HEADER.size + header.text_bytes]).decode("utf-8", "replace")
 
 
-def split_inline(head: torch.Tensor, header: Header, sections: list[Section]
+def split_inline(head: torch.Tensor | np.ndarray, header: Header, sections: list[Section]
                  ) -> tuple[list[torch.Tensor], list[Section]]:
     """(views of the inline sections inside `head`, the sections still to receive as tails)."""
-    n_inline = inline_count(sections)
-    views, offset = [], HEADER.size + header.text_bytes
-    for section in sections[:n_inline]:
-        offset = _aligned(offset)
-        raw = head[offset:offset + section.nbytes]
-        views.append(raw.view(section.dtype).view(section.shape))
-        offset += section.nbytes
-    return views, sections[n_inline:]
+    sizes = [section.nbytes for section in sections]
+    offsets = _inline_offsets(sizes, HEADER.size + header.text_bytes, HEADER.size + INLINE_LIMIT)
+    buffer = _host(head)
+    views = []
+    for offset, size, (shape, dtype) in zip(offsets, sizes, sections):
+        raw = buffer[offset:offset + size]
+        if dtype in NUMPY_DTYPES:
+            views.append(torch.from_numpy(raw.view(NUMPY_DTYPES[dtype]).reshape(shape)))
+        else:
+            views.append(torch.from_numpy(raw.reshape(*shape[:-1], shape[-1] * dtype.itemsize)).view(dtype))
+    return views, sections[len(offsets):]

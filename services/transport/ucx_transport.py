@@ -7,27 +7,32 @@
     server = serve_ucx(50054, shard.compute)          # beside the shard's gRPC server
     server.close()
 
-Threads: UCXX's asyncio API runs in one private event-loop thread per process (`_UcxRuntime`),
-shared by every client and listener of the process. `submit` encodes on the caller's thread
-(dtype conversion / FP8 quantisation in parallel with other callers) and hands the frame to the
-loop. The listener runs each request's `compute` in a thread pool, so requests from many
+Threads: one progress thread per process (`_UcxRuntime`) owns a UCXX worker of the low-level API
+(no asyncio, no UCXX progress or notifier thread) and serves every client and listener of the
+process. `submit` does its work on the caller's thread: it encodes (dtype conversion / FP8
+quantisation in parallel with other callers), then, under the runtime's `ucx` lock, posts the
+receive for the reply's tail and the frame's sends; a small send completes inside that call, so
+the progress thread is not woken for it. The progress thread receives the reply head and
+completes the caller's future itself. The listener receives on the progress thread and runs each
+request's `compute` in a thread pool, whose thread also posts the reply; requests from many
 workers reach the shard concurrently and its compute thread merges them per layer.
 
-Failure: every request has a timer on the loop; an endpoint error (peer killed, connection
-reset), a receive error or the timer fails the future with ReplicaUnavailable. An endpoint
-error fails every pending future of that endpoint at once; the next submit reconnects.
-
-Progress: UCXX's own progress thread plus Python futures (UCXPY_PROGRESS_MODE=thread,
-UCXPY_ENABLE_PYTHON_FUTURE=1) by default: a request completes by a notifier setting its asyncio
-future. Without Python futures UCXX waits by re-polling every pending request on each loop turn,
-and an endpoint always has a receive pending, so an idle client or listener burns a whole core
-(measured ~0.9 CPU-s per second idle) and starves the threads that do the work. Both variables
-override the default; benchmarks/transport_bench.py compares the modes. Re-polling (blocking or
-polling mode) gave raw single-threaded UCX the lowest small-message round trip here (~120 us vs
-~1.1 ms), but in this module the spinning loop thread holds the GIL against the callers and the
-compute threads, and the expert path got ~10x slower: keep it for processes with cores to spare
-and no other Python threads. UCX_* variables
+Progress: the thread progresses the worker until it has nothing left, handles the requests that
+completed, arms the worker and sleeps in epoll on the worker's event fd, plus an eventfd that other
+threads write when they leave it something to do (a send that did not complete at once, a new
+connection, a timer earlier than the one it sleeps until). It holds the GIL only while it handles
+a completion, and wakes the threads it completed work for only once it is about to sleep (woken
+earlier, they took turns with it at the GIL). An idle client or listener costs no CPU. This
+replaced UCXX's asyncio API, where a reply went UCXX progress thread -> notifier thread -> event
+loop -> caller, and whose re-polling modes spin a core while holding the GIL.
+UCXPY_PROGRESS_MODE=polling makes the thread spin on progress instead of sleeping (for nodes with
+cores to spare; the chart sets it on GPU nodes); any other value sleeps. UCX_* variables
 (UCX_TLS, UCX_RNDV_THRESH, ...) apply as usual.
+
+Failure: every request has a timer on the progress thread; an endpoint error (peer killed,
+connection reset), a receive error or the timer fails the future with ReplicaUnavailable. An
+endpoint error fails every pending future of that endpoint at once; the next submit reconnects.
+A reply that comes after its timeout lands in the buffers posted for it and is dropped.
 
 Where bytes are copied (host memory; "GPU" = tensors on a CUDA device):
 | step | copies |
@@ -35,24 +40,31 @@ Where bytes are copied (host memory; "GPU" = tensors on a CUDA device):
 | caller: fp32 -> bf16 / fp8 encode | one pass that writes the wire tensor (none in fp32 mode) |
 | head message (header + sections that fit 8 KiB) | small sections copied into the head buffer (D2H on GPU) |
 | tail sections (large hidden states, outputs) | none in Python: UCX reads the tensor's memory (TCP: kernel socket copies; cuda_ipc/RDMA: none) |
-| receive | tails land in preallocated torch tensors (on `device`); inline sections are views of the head buffer |
+| receive | tails land in preallocated torch tensors (on `device`; a reply's before it is sent); inline sections are views of the head buffer |
 | reply conversion to the caller's dtype | bf16 -> fp32 when the caller's hidden was fp32/fp8 |
 """
 
 from __future__ import annotations
 
-import asyncio
 import atexit
+import collections
 import concurrent.futures
+import heapq
 import itertools
 import logging
+import math
 import os
+import secrets
+import select
 import threading
 import time
+import weakref
 from dataclasses import dataclass
-from typing import Callable
+from functools import partial
+from typing import Any, Callable
 
 import grpc
+import numpy as np
 import torch
 
 from services.common.errors import InvalidArgument, status_for
@@ -73,9 +85,11 @@ from services.transport.base import (
 log = get_logger("transport.ucx")
 
 NAME = "ucx"
-DEFAULT_PROGRESS_MODE = "thread"
 COMPUTE_THREADS = 32          # concurrent compute calls the listener keeps in flight
 CLOSE_TIMEOUT_S = 5.0
+# A sleeping progress thread may serve a timer this late. Answered requests leave their timers in
+# the heap; the slack lets the thread discard them in batches instead of waking for each one.
+TIMER_SLACK_S = 0.05
 
 
 class UcxUnavailable(RuntimeError):
@@ -101,15 +115,6 @@ def ucx_available() -> tuple[bool, str]:
     return _import_result
 
 
-def _require_ucx():
-    ok, reason = ucx_available()
-    if not ok:
-        raise UcxUnavailable(f"transport 'ucx': {reason}")
-    import ucxx
-
-    return ucxx
-
-
 def _wire_buffer(tensor: torch.Tensor):
     """What UCXX accepts for a uint8 torch tensor: numpy on the host, the tensor on a GPU
     (torch exposes __cuda_array_interface__); neither copies."""
@@ -117,17 +122,50 @@ def _wire_buffer(tensor: torch.Tensor):
 
 
 class _UcxRuntime:
-    """The process's UCX worker and the event-loop thread that drives it."""
+    """The process's UCX worker and the thread that progresses it (see Progress above)."""
 
     _instance: "_UcxRuntime | None" = None
     _instance_lock = threading.Lock()
 
     def __init__(self) -> None:
-        self.ucxx = _require_ucx()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="ucx-loop", daemon=True)
+        ok, reason = ucx_available()
+        if not ok:
+            raise UcxUnavailable(f"transport 'ucx': {reason}")
+        from ucxx._lib import libucxx as api
+        from ucxx._lib.arr import Array
+
+        self.api, self.Array = api, Array
+        context = api.UCXContext(feature_flags=(api.Feature.TAG, api.Feature.STREAM, api.Feature.WAKEUP))
+        # no delayed submission and no Python futures: requests are posted by the calling thread
+        # and completion is read from the request itself
+        self.worker = api.UCXWorker(context)
+        self.worker.init_blocking_progress_mode()
+        self.polling = os.environ.get("UCXPY_PROGRESS_MODE") == "polling"
+        self.progress_mode = "polling" if self.polling else "epoll"
+        self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._epoll = select.epoll()
+        self._epoll.register(self.worker.epoll_file_descriptor, select.EPOLLIN)
+        self._epoll.register(self._wakeup, select.EPOLLIN)
+        self._incoming: collections.deque = collections.deque()  # from other threads: calls and watches
+        self._watched: list[tuple[Any, Callable, Any]] = []       # (request, on_complete, keep-alive)
+        self._wakers: list[Callable[[], None]] = []                # run just before sleeping
+        # Every UCXX call (and the release of a UCXX object) happens under this lock: posting from
+        # a caller while the progress thread is inside progress() deadlocked in UCXX (its endpoint
+        # mutex against the UCP worker lock). The progress thread holds it except while it sleeps
+        # or wakes other threads, so a caller rarely waits, and then for one iteration.
+        self.ucx = threading.RLock()
+        self._lock = threading.Lock()                              # guards the two below
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._sleeping_until = 0.0                                 # 0: awake, reads the timers itself
+        self._order = itertools.count()
+        self._stopping = False
+        # UCX's CUDA transports progress rendezvous transfers on this thread: give it the device
+        # the process uses (UCXX's own progress thread did the same for device 0)
+        self._cuda_device = torch.cuda.current_device() if torch.cuda.is_available() else None
+        self.thread = threading.Thread(target=self._run, name="ucx-progress", daemon=True)
         self.thread.start()
-        self.run(self._init(), timeout=60.0)
+        # a daemon thread inside UCX while the interpreter tears down its objects would crash it
+        atexit.register(self.stop)
 
     @classmethod
     def get(cls) -> "_UcxRuntime":
@@ -136,139 +174,334 @@ class _UcxRuntime:
                 cls._instance = _UcxRuntime()
             return cls._instance
 
-    async def _init(self) -> None:
-        # inside the loop, so UCXX binds its progress (event fd reader) to this loop
-        mode = os.environ.get("UCXPY_PROGRESS_MODE", DEFAULT_PROGRESS_MODE)
-        python_future = os.environ.get("UCXPY_ENABLE_PYTHON_FUTURE", "1") != "0" and mode.startswith("thread")
-        try:
-            self.ucxx.init(progress_mode=mode, enable_python_future=python_future)
-        except RuntimeError:  # initialised by someone else in this process: just drive it here too
-            self.ucxx.continuous_ucx_progress(event_loop=self.loop)
-        # UCXX's notifier thread is not a daemon and only ends when told to; interpreter exit joins
-        # non-daemon threads *before* atexit handlers, so stop it from the hook that runs earlier
-        register = getattr(threading, "_register_atexit", atexit.register)
-        register(self.ucxx.stop_notifier_thread)
-        self.progress_mode = mode
+    # ---- for any thread ---------------------------------------------------------------------
+    def on_thread(self) -> bool:
+        return threading.get_ident() == self.thread.ident
 
-    def run(self, coro, timeout: float):
-        """Run `coro` on the loop from another thread and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+    def call(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the progress thread (soon; in order with other calls)."""
+        self._incoming.append((None, fn, None))
+        if not self.on_thread():
+            os.eventfd_write(self._wakeup, 1)
+
+    def run(self, fn: Callable[[], Any], timeout: float) -> Any:
+        """Run `fn` on the progress thread and return its result (inline once it has stopped)."""
+        if self.on_thread():
+            return fn()
+        if not self.thread.is_alive():
+            with self.ucx:
+                return fn()
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run_it() -> None:
+            try:
+                future.set_result(fn())
+            except Exception as err:  # noqa: BLE001 - re-raised in the caller
+                future.set_exception(err)
+        self.call(run_it)
+        return future.result(timeout)
+
+    def watch(self, request, on_complete: Callable[[Any], None], keep: Any = None) -> None:
+        """Call on_complete(request) on the progress thread once `request` completes; `keep`
+        (the buffer UCX reads or writes) stays referenced until then."""
+        if self.on_thread():
+            self._watched.append((request, on_complete, keep))
+        else:
+            self._incoming.append((request, on_complete, keep))
+            os.eventfd_write(self._wakeup, 1)
+
+    def wake_later(self, fn: Callable[[], None]) -> None:
+        """Run `fn`, which wakes another thread (completes a future, starts a compute), on the
+        progress thread right before it sleeps, or at once on any other thread. Woken earlier, that
+        thread would take turns at the GIL with this one at every UCXX call still to come."""
+        if self.on_thread():
+            self._wakers.append(fn)
+        else:
+            fn()
+
+    def call_at(self, deadline: float, fn: Callable[[], None]) -> None:
+        """Run `fn` on the progress thread at time.monotonic() `deadline` (up to TIMER_SLACK_S late)."""
+        with self._lock:
+            heapq.heappush(self._timers, (deadline, next(self._order), fn))
+            wake = deadline + TIMER_SLACK_S < self._sleeping_until
+        if wake:
+            os.eventfd_write(self._wakeup, 1)
+
+    def send_frame(self, endpoint, link: int, kind: int, sequence: int, frame: wire.Frame,
+                   on_error: Callable[[str], None]) -> None:
+        """Post every message of `frame`; raises the UCXX error of a send that failed at once.
+        A send still in flight is watched; on_error(reason) runs if it fails later. Hold `ucx`."""
+        for part, buffer in enumerate((frame.head, *frame.tails)):
+            request = endpoint.tag_send(self.Array(_wire_buffer(buffer)),
+                                        self.api.UCXXTag(wire.tag(link, kind, part, sequence)))
+            if request.completed:
+                request.check_error()
+            else:
+                self.watch(request, partial(_check_send, on_error), keep=buffer)
+            del request   # released under `ucx`, not when the caller's frame ends
+
+    def receive(self, endpoint, buffer: torch.Tensor | np.ndarray, tag: int, mask: int | None = None):
+        """Post a tag receive into `buffer` (uint8) on `endpoint`'s worker; returns the request.
+        Hold `ucx`."""
+        args = (self.api.UCXXTagMask(mask),) if mask is not None else ()
+        array = buffer if isinstance(buffer, np.ndarray) else _wire_buffer(buffer)
+        return endpoint.tag_recv(self.Array(array), self.api.UCXXTag(tag), *args)
+
+    def close_endpoint(self, endpoint) -> None:
+        """Close `endpoint` (progress thread). One that already failed is only dropped: UCXX
+        crashes progressing the close of an endpoint in error."""
+        if endpoint.alive:
+            self._watched.append((endpoint.close(), _ignore, endpoint))
+
+    def stop(self) -> None:
+        self._stopping = True
+        os.eventfd_write(self._wakeup, 1)
+        self.thread.join(CLOSE_TIMEOUT_S)
+
+    # ---- on the progress thread -------------------------------------------------------------
+    def _run(self) -> None:
+        if self._cuda_device is not None:
+            torch.cuda.set_device(self._cuda_device)
+        while not self._stopping:
+            with self.ucx:
+                self.worker.progress()
+                busy = self._take_incoming()
+                busy = self._complete() or busy
+                busy = self._fire_timers() or busy
+                # a handler may have posted requests that completed at once: look again first
+                if busy or not (self.polling or self.worker.arm()):
+                    continue
+            wakers, self._wakers = self._wakers, []
+            for fn in wakers:
+                _guarded(fn)
+            if self._incoming:  # posted since _take_incoming, maybe complete already
+                continue
+            self._sleep()
+
+    def _take_incoming(self) -> bool:
+        taken = False
+        while self._incoming:
+            request, fn, keep = self._incoming.popleft()
+            taken = True
+            if request is None:
+                _guarded(fn)
+            else:
+                self._watched.append((request, fn, keep))
+        return taken
+
+    def _complete(self) -> bool:
+        done, still = [], []
+        for item in self._watched:
+            (done if item[0].completed else still).append(item)
+        if not done:
+            return False
+        self._watched = still   # handlers may watch new requests
+        for request, on_complete, _ in done:
+            _guarded(on_complete, request)
+        return True
+
+    def _fire_timers(self) -> bool:
+        now, due = time.monotonic(), []
+        with self._lock:
+            while self._timers and self._timers[0][0] <= now:
+                due.append(heapq.heappop(self._timers)[2])
+        for fn in due:
+            _guarded(fn)
+        return bool(due)
+
+    def _sleep(self) -> None:
+        with self._lock:
+            deadline = self._timers[0][0] + TIMER_SLACK_S if self._timers else math.inf
+            self._sleeping_until = deadline
+        # polling: only a syscall without the GIL or `ucx`, in which a waiting caller gets them
+        timeout = 0.0 if self.polling else -1 if deadline == math.inf else max(0.0, deadline - time.monotonic())
+        self._epoll.poll(timeout)
+        with self._lock:
+            self._sleeping_until = 0.0
+        try:
+            os.eventfd_read(self._wakeup)
+        except BlockingIOError:
+            pass
+
+
+def _guarded(fn: Callable, *args) -> None:
+    """Run a handler on the progress thread; a bug in one must not stop the thread."""
+    try:
+        fn(*args)
+    except Exception as err:  # noqa: BLE001
+        event(log, "ucx progress handler failed", level=logging.ERROR, error=f"{type(err).__name__}: {err}",
+              exc_info=True)
+
+
+def _ignore(_request) -> None:
+    pass
+
+
+def _check_send(on_error: Callable[[str], None], request) -> None:
+    try:
+        request.check_error()
+    except Exception as err:  # noqa: BLE001 - endpoint errors surface here as UCXX exceptions
+        on_error(f"send failed: {type(err).__name__}: {err}")
+
+
+def _settle(future: concurrent.futures.Future, result=None, error: Exception | None = None) -> None:
+    """Complete `future` unless it already is (a timer and a reply may race to it)."""
+    try:
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+    except concurrent.futures.InvalidStateError:
+        pass
 
 
 @dataclass
 class _Pending:
     future: concurrent.futures.Future
-    started: float                 # time.monotonic() at submit
-    out_dtype: torch.dtype         # what the caller gets back
-    device: torch.device           # where the output tensor is received
-    timer: asyncio.TimerHandle | None = None
+    started: float                      # time.monotonic() at submit
+    out_dtype: torch.dtype              # what the caller gets back
+    device: torch.device                # where the output tensor is received
+    shape: tuple[int, int]              # of the reply's output, [T, H] in the reply dtype
+    tail: torch.Tensor | None = None    # the output, when it travels as a tail: received in place
+    tail_request: Any = None            # its posted receive
+    settled: bool = False               # outcome decided (the future may be completed a moment later)
 
 
-def _fail(pending: _Pending, err: Exception, reason: str) -> None:
-    if pending.timer is not None:
-        pending.timer.cancel()
+def _fail(runtime: _UcxRuntime, pending: _Pending, err: Exception, reason: str) -> None:
+    if pending.settled:
+        return
+    pending.settled = True
     DISPATCH_WAIT.labels(NAME).observe(time.monotonic() - pending.started)
     DISPATCH_FAILURES.labels(NAME, reason).inc()
-    if not pending.future.done():
-        pending.future.set_exception(err)
-
-
-async def _send_frame(endpoint, frame: wire.Frame) -> None:
-    if not frame.tails:  # the common decode case: one message, no task to spawn
-        await endpoint.send(frame.head.numpy())
-        return
-    # posted together: UCX keeps one endpoint's tag messages in order, and the tails of a large
-    # frame then stream while the head is still in flight
-    await asyncio.gather(*(endpoint.send(_wire_buffer(part)) for part in (frame.head, *frame.tails)))
-
-
-async def _receive_head(endpoint, kind: int) -> tuple[wire.Header, torch.Tensor]:
-    """The next frame's header and head buffer (a fresh one per frame: inline views stay valid)."""
-    head = torch.empty(wire.HEAD_CAPACITY, dtype=torch.uint8)
-    await endpoint.recv(head.numpy())
-    return wire.parse_header(head, kind), head
-
-
-async def _receive_sections(endpoint, header: wire.Header, head: torch.Tensor,
-                            device: torch.device | None) -> list[torch.Tensor]:
-    """Every section of the frame: views of `head` for inline ones, tails received on `device`."""
-    sections = wire.request_sections(header) if header.kind == wire.KIND_REQUEST else wire.reply_sections(header)
-    tensors, tails = wire.split_inline(head, header, sections)
-    for section in tails:
-        tensor = torch.empty(section.shape, dtype=section.dtype, device=device)
-        await endpoint.recv(_wire_buffer(wire.byte_view(tensor)))
-        tensors.append(tensor)
-    return tensors
+    runtime.wake_later(partial(_settle, pending.future, error=err))
 
 
 class _Connection:
-    """One UCX endpoint to a replica: its send queue, its pending futures, its receive loop.
-    Lives on the runtime's loop; every method runs there."""
+    """One UCX endpoint to a replica and the replies it waits for. A caller thread opens it and
+    posts on it; its receive side, timers and failure run on the progress thread."""
 
     def __init__(self, client: "UcxExpertClient") -> None:
         self.client = client
+        self.runtime = runtime = client.runtime
+        self.link = secrets.randbits(32)   # the replica tags every message to us with it
         self.pending: dict[int, _Pending] = {}
-        self.sendq: asyncio.Queue[wire.Frame] = asyncio.Queue()
         self.broken: str | None = None
-        self.endpoint = None
-        self.task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        client = self.client
+        self.connected = False
         host, port = client.address
+        self.endpoint = runtime.api.UCXEndpoint.create(runtime.worker, host, port, True)
+        # runs inside UCX's progress: act after it returns
+        self.endpoint.set_close_callback(runtime.call, (partial(self.fail, "endpoint closed or failed"),))
+        hello = np.array([self.link], dtype="<u8")
+        runtime.watch(self.endpoint.stream_send(runtime.Array(hello)), self._hello_sent, keep=hello)
+        self._post_head(self.endpoint)
+        runtime.call_at(time.monotonic() + client.connect_timeout, self._check_connected)
+
+    def _post_head(self, endpoint) -> None:
+        # a fresh buffer per frame: inline outputs handed to callers stay views of their own head
+        head = np.empty(wire.HEAD_CAPACITY, dtype=np.uint8)
+        request = self.runtime.receive(endpoint, head, wire.tag(self.link, wire.KIND_REPLY, 0, 0), wire.HEAD_MASK)
+        self.runtime.watch(request, partial(self._on_head, head), keep=head)
+
+    # ---- on a caller's thread ---------------------------------------------------------------
+    def submit(self, sequence: int, pending: _Pending, frame: wire.Frame, reply_dtype: torch.dtype,
+               timeout: float) -> None:
+        """Post the reply's tail receive, then the request; raises ReplicaUnavailable or a UCXX error."""
+        if self.endpoint is None:   # fail() runs under `ucx` too: this cannot change below
+            raise ReplicaUnavailable(self.client.replica_id, self.broken or "endpoint closed")
         try:
-            self.endpoint = await asyncio.wait_for(
-                client.runtime.ucxx.create_endpoint(host, port, connect_timeout=client.connect_timeout),
-                client.connect_timeout)
-        except Exception as err:  # noqa: BLE001 - any connect failure is the replica's
+            if wire.inline_count([wire.Section(pending.shape, reply_dtype)]) == 0:
+                pending.tail = torch.empty(pending.shape, dtype=reply_dtype, device=pending.device)
+                pending.tail_request = self.runtime.receive(
+                    self.endpoint, wire.byte_view(pending.tail), wire.tag(self.link, wire.KIND_REPLY, 1, sequence))
+            self.pending[sequence] = pending
+            # weakly: the timer outlives most requests, and must not keep their outputs alive
+            self.runtime.call_at(pending.started + timeout, partial(self._expire, weakref.ref(pending)))
+            self.runtime.send_frame(self.endpoint, self.link, wire.KIND_REQUEST, sequence, frame, self.fail)
+        except BaseException:
+            self.pending.pop(sequence, None)
+            pending.tail = pending.tail_request = None   # cancels that receive, under `ucx`
+            raise
+
+    # ---- on the progress thread -------------------------------------------------------------
+    def _hello_sent(self, request) -> None:
+        try:
+            request.check_error()
+        except Exception as err:  # noqa: BLE001
+            host, port = self.client.address
             self.fail(f"cannot connect to ucx://{host}:{port}: {type(err).__name__}: {err}")
             return
-        receiver = asyncio.get_running_loop().create_task(self._receive_loop())
-        try:
-            while True:
-                await _send_frame(self.endpoint, await self.sendq.get())
-        except asyncio.CancelledError:
-            raise
-        except Exception as err:  # noqa: BLE001 - endpoint errors surface here as UCXX exceptions
-            self.fail(f"send failed: {type(err).__name__}: {err}")
-        finally:
-            receiver.cancel()
+        self.connected = True
 
-    async def _receive_loop(self) -> None:
+    def _check_connected(self) -> None:
+        if not self.connected:
+            host, port = self.client.address
+            self.fail(f"cannot connect to ucx://{host}:{port} within {self.client.connect_timeout:g}s")
+
+    def _on_head(self, head: np.ndarray, request) -> None:
+        endpoint = self.endpoint
+        if endpoint is None:
+            return
         try:
-            while True:
-                header, head = await _receive_head(self.endpoint, wire.KIND_REPLY)
-                waiting = self.pending.get(header.sequence)
-                tensors = await _receive_sections(self.endpoint, header, head,
-                                                  waiting.device if waiting is not None else None)
-                DISPATCH_BYTES.labels(NAME, "combine").inc(wire.HEADER.size + header.text_bytes
-                                                           + sum(t.nbytes for t in tensors))
-                pending = self.pending.pop(header.sequence, None)
-                if pending is not None:  # None: it timed out already; the late reply is dropped
-                    self.client.resolve(pending, header, head, tensors)
-        except asyncio.CancelledError:
-            raise
+            request.check_error()
+            header = wire.parse_header(head, wire.KIND_REPLY)
+            self._post_head(endpoint)
         except Exception as err:  # noqa: BLE001 - peer death shows up as a UCXX error here
             self.fail(f"receive failed: {type(err).__name__}: {err}")
+            return
+        pending = self.pending.pop(header.sequence, None)
+        if pending is None:
+            return
+        if header.status != wire.STATUS_OK:
+            pending.tail = pending.tail_request = None   # dropping the request cancels that receive
+            self.client.reject(pending, header, head)
+            return
+        if (header.tokens, header.hidden) != pending.shape or header.wire_dtype != self.client.reply_dtype:
+            self.fail(f"reply {header.sequence} is [{header.tokens}, {header.hidden}] {header.wire_dtype}, "
+                      f"asked for {list(pending.shape)} {self.client.reply_dtype}")
+            return
+        if pending.tail_request is None:
+            tensors, _ = wire.split_inline(head, header, wire.reply_sections(header))
+            self.client.resolve(pending, tensors[0])
+        elif pending.tail_request.completed:
+            self._on_tail(pending, pending.tail_request)
+        else:
+            self.runtime.watch(pending.tail_request, partial(self._on_tail, pending), keep=pending.tail)
 
-    def add(self, sequence: int, pending: _Pending, frame: wire.Frame) -> None:
-        self.pending[sequence] = pending
-        self.sendq.put_nowait(frame)
+    def _on_tail(self, pending: _Pending, request) -> None:
+        try:
+            request.check_error()
+        except Exception as err:  # noqa: BLE001
+            reason = f"receive failed: {type(err).__name__}: {err}"
+            _fail(self.runtime, pending, ReplicaUnavailable(self.client.replica_id, reason), "endpoint")
+            self.fail(reason)
+            return
+        output, pending.tail, pending.tail_request = pending.tail, None, None
+        self.client.resolve(pending, output)
+
+    def _expire(self, ref: weakref.ref) -> None:
+        pending = ref()
+        if pending is None:   # answered and released
+            return
+        # stays in `pending`: a late reply then lands in the receive posted for it
+        _fail(self.runtime, pending, ReplicaUnavailable(
+            self.client.replica_id, f"no reply within {time.monotonic() - pending.started:.3g}s"), "timeout")
 
     def fail(self, reason: str) -> None:
         """Mark broken, fail every pending future, drop the endpoint (the next submit reconnects)."""
         if self.broken is None:
             self.broken = reason
         pending, self.pending = self.pending, {}
-        if pending:
+        waiting = [item for item in pending.values() if not item.settled]
+        if waiting:
             event(log, "ucx endpoint failed", level=logging.WARNING, replica=self.client.replica_id,
-                  pending=len(pending), reason=reason)
-        for item in pending.values():
-            _fail(item, ReplicaUnavailable(self.client.replica_id, reason), "endpoint")
-        self.task.cancel()
-        if self.endpoint is not None:
-            self.endpoint.abort()
-            self.endpoint = None
+                  pending=len(waiting), reason=reason)
+        for item in waiting:
+            _fail(self.runtime, item, ReplicaUnavailable(self.client.replica_id, reason), "endpoint")
+        for item in pending.values():   # a caller may hold the last reference: cancel here, under `ucx`
+            item.tail = item.tail_request = None
+        endpoint, self.endpoint = self.endpoint, None
+        if endpoint is not None:
+            self.runtime.close_endpoint(endpoint)
 
 
 class UcxExpertClient(ExpertClient):
@@ -286,15 +519,27 @@ class UcxExpertClient(ExpertClient):
         self.runtime = runtime
         self.connect_timeout = connect_timeout
         self._sequence = itertools.count(1)
-        self._connection: _Connection | None = None   # touched on the loop only
+        self._lock = threading.Lock()                 # guards the two below
+        self._connection: _Connection | None = None
         self._closed = False
         self.connections_opened = 0
+
+    def _connect(self) -> _Connection:
+        """The open connection (or a new one); call with runtime.ucx held."""
+        with self._lock:
+            if self._closed:
+                raise ReplicaUnavailable(self.replica_id, "client closed")
+            connection = self._connection
+            if connection is None or connection.broken is not None:
+                connection = self._connection = _Connection(self)
+                self.connections_opened += 1
+            return connection
 
     def submit(self, batch: ExpertBatch, timeout: float) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
         hidden = batch.hidden
         out_dtype = hidden.dtype if hidden.dtype in (torch.float32, torch.bfloat16) else torch.float32
-        pending = _Pending(future, time.monotonic(), out_dtype, hidden.device)
+        pending = _Pending(future, time.monotonic(), out_dtype, hidden.device, tuple(hidden.shape))
         sequence = next(self._sequence)
         try:
             if batch.hidden_scales is not None or hidden.dtype == torch.float8_e4m3fn:
@@ -304,62 +549,48 @@ class UcxExpertClient(ExpertClient):
             frame = wire.encode_request(sequence, batch.layer, batch.expert_ids, batch.weights,
                                         wire_hidden, scales, self.reply_dtype)
         except ValueError as err:
-            _fail(pending, InvalidArgument(f"expert batch: {err}"), "invalid")
+            _fail(self.runtime, pending, InvalidArgument(f"expert batch: {err}"), "invalid")
             return future
         DISPATCH_BYTES.labels(NAME, "dispatch").inc(frame.nbytes)
+        connection = None
         try:
-            self.runtime.loop.call_soon_threadsafe(self._enqueue, sequence, pending, frame, timeout)
-        except RuntimeError as err:  # loop closed: only at interpreter shutdown
-            _fail(pending, ReplicaUnavailable(self.replica_id, f"ucx loop stopped: {err}"), "closed")
+            with self.runtime.ucx:
+                connection = self._connect()
+                connection.submit(sequence, pending, frame, self.reply_dtype, timeout)
+        except ReplicaUnavailable as err:
+            _fail(self.runtime, pending, err, "closed" if self._closed else "endpoint")
+        except Exception as err:  # noqa: BLE001 - UCXX raises its own errors for a dead endpoint
+            reason = f"send failed: {type(err).__name__}: {err}"
+            _fail(self.runtime, pending, ReplicaUnavailable(self.replica_id, reason), "endpoint")
+            if connection is not None:
+                self.runtime.call(partial(connection.fail, reason))
         return future
 
-    # ---- on the loop ------------------------------------------------------------------------
-    def _enqueue(self, sequence: int, pending: _Pending, frame: wire.Frame, timeout: float) -> None:
-        if self._closed:
-            _fail(pending, ReplicaUnavailable(self.replica_id, "client closed"), "closed")
-            return
-        connection = self._connection
-        if connection is None or connection.broken is not None:
-            connection = self._connection = _Connection(self)
-            self.connections_opened += 1
-        pending.timer = self.runtime.loop.call_later(
-            max(0.0, pending.started + timeout - time.monotonic()), self._expire, connection, sequence)
-        connection.add(sequence, pending, frame)
+    # ---- on the progress thread -------------------------------------------------------------
+    def reject(self, pending: _Pending, header: wire.Header, head: np.ndarray) -> None:
+        message = wire.error_text(head, header)
+        if header.status == wire.STATUS_INVALID:
+            _fail(self.runtime, pending, InvalidArgument(message), "invalid")
+        else:
+            _fail(self.runtime, pending, ReplicaUnavailable(self.replica_id, message), "replica")
 
-    def _expire(self, connection: _Connection, sequence: int) -> None:
-        pending = connection.pending.pop(sequence, None)
-        if pending is not None:
-            pending.timer = None
-            _fail(pending, ReplicaUnavailable(
-                self.replica_id, f"no reply within {time.monotonic() - pending.started:.3g}s"), "timeout")
-
-    def resolve(self, pending: _Pending, header: wire.Header, head: torch.Tensor,
-                tensors: list[torch.Tensor]) -> None:
-        if header.status != wire.STATUS_OK:
-            message = wire.error_text(head, header)
-            if header.status == wire.STATUS_INVALID:
-                _fail(pending, InvalidArgument(message), "invalid")
-            else:
-                _fail(pending, ReplicaUnavailable(self.replica_id, message), "replica")
+    def resolve(self, pending: _Pending, output: torch.Tensor) -> None:
+        DISPATCH_BYTES.labels(NAME, "combine").inc(wire.HEADER.size + output.nbytes)
+        if pending.settled:   # timed out already: the late reply is dropped
             return
-        if pending.timer is not None:
-            pending.timer.cancel()
-        # an inline output is a view of its frame's own head buffer, which nothing else reuses
-        output = tensors[0].to(device=pending.device, dtype=pending.out_dtype)
+        pending.settled = True
+        output = output.to(device=pending.device, dtype=pending.out_dtype)
         DISPATCH_WAIT.labels(NAME).observe(time.monotonic() - pending.started)
-        if not pending.future.done():
-            pending.future.set_result(output)
-
-    async def _close_on_loop(self) -> None:
-        self._closed = True
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            connection.fail("client closed")
+        self.runtime.wake_later(partial(_settle, pending.future, output))
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self.runtime.run(self._close_on_loop(), timeout=CLOSE_TIMEOUT_S)
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            connection, self._connection = self._connection, None
+        if connection is not None:
+            self.runtime.run(partial(connection.fail, "client closed"), timeout=CLOSE_TIMEOUT_S)
 
 
 class UcxTransport(Transport):
@@ -382,6 +613,99 @@ class UcxTransport(Transport):
 Compute = Callable[[ExpertBatch], torch.Tensor]
 
 
+class _Peer:
+    """One worker's endpoint at a listener: requests are received on the progress thread, replies
+    posted by the compute thread that made them."""
+
+    def __init__(self, server: "UcxServer", endpoint) -> None:
+        self.server = server
+        self.runtime = runtime = server.runtime
+        self.endpoint = endpoint
+        self.link = 0
+        endpoint.set_close_callback(runtime.call, (partial(self.drop, "endpoint closed or failed"),))
+        hello = np.zeros(1, dtype="<u8")
+        runtime.watch(endpoint.stream_recv(runtime.Array(hello)), partial(self._on_hello, hello), keep=hello)
+
+    # ---- on the progress thread -------------------------------------------------------------
+    def _on_hello(self, hello: np.ndarray, request) -> None:
+        try:
+            request.check_error()
+            self.link = int(hello[0])
+            self._post_head()
+        except Exception as err:  # noqa: BLE001
+            self.drop(f"{type(err).__name__}: {err}")
+
+    def _post_head(self) -> None:
+        head = np.empty(wire.HEAD_CAPACITY, dtype=np.uint8)
+        request = self.runtime.receive(self.endpoint, head, wire.tag(self.link, wire.KIND_REQUEST, 0, 0),
+                                       wire.HEAD_MASK)
+        self.runtime.watch(request, partial(self._on_head, head), keep=head)
+
+    def _on_head(self, head: np.ndarray, request) -> None:
+        if self.endpoint is None:
+            return
+        try:
+            request.check_error()
+            header = wire.parse_header(head, wire.KIND_REQUEST)
+            self._post_head()
+            tensors, sections = wire.split_inline(head, header, wire.request_sections(header))
+            receives = []
+            for part, section in enumerate(sections, start=1):
+                tensor = torch.empty(section.shape, dtype=section.dtype, device=self.server.device)
+                receives.append(self.runtime.receive(self.endpoint, wire.byte_view(tensor),
+                                                     wire.tag(self.link, wire.KIND_REQUEST, part, header.sequence)))
+                tensors.append(tensor)
+        except wire.FrameError as err:
+            event(log, "ucx peer sent a bad frame; dropping its endpoint", level=logging.WARNING, error=str(err))
+            self.drop(str(err))
+            return
+        except Exception as err:  # noqa: BLE001 - the worker went away (closed, killed, reset)
+            self.drop(f"{type(err).__name__}: {err}")
+            return
+        self._when_received(header, tensors, receives)
+
+    def _when_received(self, header: wire.Header, tensors: list[torch.Tensor], receives: list,
+                       _completed=None) -> None:
+        """Start the compute once every tail of the request is in `tensors`."""
+        if self.endpoint is None:
+            return
+        while receives and receives[0].completed:
+            try:
+                receives.pop(0).check_error()
+            except Exception as err:  # noqa: BLE001
+                self.drop(f"{type(err).__name__}: {err}")
+                return
+        if receives:
+            self.runtime.watch(receives[0], partial(self._when_received, header, tensors, receives), keep=tensors)
+            return
+        self.runtime.wake_later(partial(self._start_compute, header, tensors))
+
+    def _start_compute(self, header: wire.Header, tensors: list[torch.Tensor]) -> None:
+        try:
+            self.server.pool.submit(self._answer, header, tensors)
+        except RuntimeError:  # the pool is shut down: the listener is closing
+            pass
+
+    def drop(self, reason: str) -> None:
+        endpoint, self.endpoint = self.endpoint, None
+        if endpoint is None:
+            return
+        event(log, "ucx peer disconnected", level=logging.DEBUG, reason=reason)
+        self.server.peers.discard(self)
+        self.runtime.close_endpoint(endpoint)
+
+    # ---- on a compute thread ----------------------------------------------------------------
+    def _answer(self, header: wire.Header, tensors: list[torch.Tensor]) -> None:
+        frame = self.server.reply_frame(header, tensors)
+        with self.runtime.ucx:   # drop() runs under it too: the endpoint stays open meanwhile
+            if self.endpoint is None:
+                return
+            try:
+                self.runtime.send_frame(self.endpoint, self.link, wire.KIND_REPLY, header.sequence, frame, _ignore)
+            except Exception:  # noqa: BLE001 - the receive side sees the same endpoint error and drops it
+                return
+
+
 class UcxServer:
     """A UCX listener that answers request frames with `compute(batch)`; see serve_ucx."""
 
@@ -390,44 +714,23 @@ class UcxServer:
         self.compute = compute
         self.device = torch.device(device)
         self.pool = concurrent.futures.ThreadPoolExecutor(COMPUTE_THREADS, thread_name_prefix="ucx-compute")
-        self.endpoints: set = set()
-        self.tasks: set[asyncio.Task] = set()
-        self.listener = self.runtime.run(self._listen(port), timeout=30.0)
+        self.peers: set[_Peer] = set()
+        self.closed = False
+        self.listener = self.runtime.run(
+            lambda: self.runtime.api.UCXListener.create(self.runtime.worker, port, self._on_connect), timeout=30.0)
         self.port = self.listener.port
 
-    async def _listen(self, port: int):
-        return self.runtime.ucxx.create_listener(self._serve_endpoint, port)
+    def _on_connect(self, conn_request: int) -> None:
+        # runs inside UCX's progress: accept after it returns
+        self.runtime.call(partial(self._accept, conn_request))
 
-    async def _serve_endpoint(self, endpoint) -> None:
-        """One worker's endpoint: receive frames until it goes away; compute each concurrently."""
-        self.endpoints.add(endpoint)
-        loop = asyncio.get_running_loop()
-        replies: asyncio.Queue[wire.Frame] = asyncio.Queue()
-        sender = loop.create_task(self._send_replies(endpoint, replies))
-        try:
-            while True:
-                header, head = await _receive_head(endpoint, wire.KIND_REQUEST)
-                tensors = await _receive_sections(endpoint, header, head, self.device)
-                task = loop.create_task(self._answer(header, tensors, replies))
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
-        except asyncio.CancelledError:
-            raise
-        except wire.FrameError as err:
-            event(log, "ucx peer sent a bad frame; dropping its endpoint", level=logging.WARNING, error=str(err))
-        except Exception as err:  # noqa: BLE001 - the worker went away (closed, killed, reset)
-            event(log, "ucx peer disconnected", level=logging.DEBUG, error=f"{type(err).__name__}: {err}")
-        finally:
-            sender.cancel()
-            self.endpoints.discard(endpoint)
-            endpoint.abort()
+    def _accept(self, conn_request: int) -> None:
+        if self.closed:
+            return
+        endpoint = self.runtime.api.UCXEndpoint.create_from_conn_request(self.listener, conn_request, True)
+        self.peers.add(_Peer(self, endpoint))
 
-    async def _answer(self, header: wire.Header, tensors: list[torch.Tensor],
-                      replies: asyncio.Queue[wire.Frame]) -> None:
-        frame = await asyncio.get_running_loop().run_in_executor(self.pool, self._reply_frame, header, tensors)
-        replies.put_nowait(frame)
-
-    def _reply_frame(self, header: wire.Header, tensors: list[torch.Tensor]) -> wire.Frame:
+    def reply_frame(self, header: wire.Header, tensors: list[torch.Tensor]) -> wire.Frame:
         """Runs on a compute thread: compute, convert to the reply dtype, frame it (or the error)."""
         ids, weights, *rest = tensors
         batch = ExpertBatch(header.layer, rest[-1], ids, weights, rest[0] if len(rest) == 2 else None)
@@ -445,29 +748,17 @@ class UcxServer:
             status = wire.STATUS_INVALID if code == grpc.StatusCode.INVALID_ARGUMENT else wire.STATUS_UNAVAILABLE
             return wire.encode_error(header.sequence, status, message)
 
-    @staticmethod
-    async def _send_replies(endpoint, replies: asyncio.Queue[wire.Frame]) -> None:
-        try:
-            while True:
-                await _send_frame(endpoint, await replies.get())
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001 - the receive loop sees the same endpoint error and cleans up
-            return
-
-    async def _close_on_loop(self) -> None:
-        self.listener.close()
-        for task in list(self.tasks):
-            task.cancel()
-        for endpoint in list(self.endpoints):
-            endpoint.abort()
-        self.endpoints.clear()
+    def _close_on_thread(self) -> None:
+        self.closed = True
+        self.listener = None   # UCXX destroys the listener with its last reference
+        for peer in list(self.peers):
+            peer.drop("listener closed")
 
     def close(self) -> None:
         """Stop listening and drop every worker's endpoint (their pending calls fail over)."""
-        if self.listener.closed:
+        if self.closed:
             return
-        self.runtime.run(self._close_on_loop(), timeout=CLOSE_TIMEOUT_S)
+        self.runtime.run(self._close_on_thread, timeout=CLOSE_TIMEOUT_S)
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 

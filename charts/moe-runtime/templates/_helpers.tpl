@@ -137,8 +137,6 @@ tolerations:
        progress thread reached 0.63x; GPU nodes have the cores to spare. */}}
 - name: UCXPY_PROGRESS_MODE
   value: polling
-- name: UCXPY_ENABLE_PYTHON_FUTURE
-  value: "0"
 {{- end }}
 {{- end }}
 
