@@ -3,7 +3,7 @@ DeepSeek-V2-Lite-sized model with random bf16 weights built on the GPU (no check
 both models share one random state dict. Prints ms per decode step at each batch, the ratio,
 and the fraction of the weight-read roofline (bytes a step must read / measured copy bandwidth).
 
-    python benchmarks/gpu_decode_bench.py [--batches 1,16,64] [--layers 27] [--steps 16] [--fp8-probe]
+    python benchmarks/gpu_decode_bench.py [--batches 1,16,64] [--layers 27] [--steps 16] [--fp8] [--profile]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from model.checkpoint import checkpoint_name  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.cuda_graph import GraphDecoder  # noqa: E402
 from model.layers import RotaryEmbedding  # noqa: E402
-from model.moe import ExpertBank, grouped_mm  # noqa: E402
+from model.moe import ExpertBank, MoE, grouped_mm  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
 
 V2_LITE = dict(
@@ -67,6 +67,9 @@ def ours_from_transformers(hf) -> Transformer:
     for module in model.modules():
         if isinstance(module, ExpertBank):
             module.build_slot_table("cuda")
+    for block in model.layers:  # as load_model does on CUDA
+        if isinstance(block.ffn, MoE):
+            block.ffn.absorb_shared_into_experts()
     return model.eval()
 
 
@@ -119,28 +122,33 @@ def ours_step(model: Transformer, batch: int, prompt: int, steps: int, graphs: b
     return t, [int(x) for x in row0[: steps + 3]]
 
 
-def profile_eager_step(model: Transformer, batch: int, prompt: int) -> None:
-    """Top kernels of one eager decode step (what the graph replays)."""
+def profile_graph_step(model: Transformer, batch: int, prompt: int, label: str) -> None:
+    """Kernels of one replayed decode step: count, total, and the top ones by time."""
     from torch.profiler import ProfilerActivity, profile
 
-    cache = model.new_cache(batch * (prompt + 32))  # whole blocks per sequence
+    cache = model.new_cache(batch * (prompt + 32) + 64)
+    decoder = GraphDecoder(model, cache)
     for i in range(batch):
         cache.allocate(i, prompt + 4)
         model.prefill(torch.arange(prompt, device="cuda") * (i + 3) % model.cfg.vocab_size, cache, i)
     tokens = torch.zeros(batch, dtype=torch.long, device="cuda")
-    model.decode(tokens, cache, list(range(batch)), [prompt] * batch)
+    for _ in range(2):
+        decoder.decode(tokens, list(range(batch)), [prompt] * batch)
+    torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        model.decode(tokens, cache, list(range(batch)), [prompt] * batch)
+        decoder.decode(tokens, list(range(batch)), [prompt] * batch)
         torch.cuda.synchronize()
-    events = prof.key_averages()
-    print(f"profile, eager step at batch {batch}: {sum(e.count for e in events if e.device_time_total > 0)} kernels")
-    print(events.table(sort_by="device_time_total", row_limit=12, max_name_column_width=60))
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events)
+    print(f"profile, {label} graph step at batch {batch}: {sum(e.count for e in events)} kernels, {total / 1e3:.2f} ms of kernel time")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:15]:
+        print(f"  {e.self_device_time_total / 1e3:7.3f} ms {100 * e.self_device_time_total / total:5.1f}% {e.count:5d}x  {e.key[:90]}")
 
 
 def step_bytes(model: Transformer, batch: int, context: int) -> float:
     """Bytes one decode step must read: every non-expert weight (embedding rows aside), the
-    routed experts the batch touches (expected distinct experts under uniform routing), the
-    latent cache of every sequence."""
+    routed experts the batch touches (expected distinct experts under uniform routing) and the
+    shared ones, the latent cache of every sequence."""
     cfg = model.cfg
     total = 0
     for name, p in model.named_parameters():
@@ -148,9 +156,11 @@ def step_bytes(model: Transformer, batch: int, context: int) -> float:
             continue
         total += p.numel() * p.element_size()
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
-    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * model.head.weight.element_size()
     distinct = E * (1 - (1 - K / E) ** batch)
-    total += len(cfg.moe_layers) * distinct * per_expert
+    for module in model.modules():
+        if isinstance(module, ExpertBank):
+            per_expert = (module.w13[0].numel() + module.w2[0].numel()) * module.w13.element_size()
+            total += (distinct + module.shared_slots) * per_expert
     total += cfg.num_hidden_layers * batch * context * cfg.kv_cache_dim * model.head.weight.element_size()
     return total
 
@@ -164,57 +174,46 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / t
 
 
-def fp8_probe(D=2048, I=1408, E=64, rows=384) -> None:
-    """Expert GEMM of a batch-64 step ([rows, D] x E experts [D, 2I]): bf16 grouped GEMM against
-    the FP8 GEMMs this PyTorch offers. Each variant is tried; failures are printed, not fatal."""
+def replay_time(fn, repeats: int = 20) -> float:
+    """Seconds per call of `fn` replayed from a CUDA graph (as in a decode step: no Python or
+    launch overhead), best of five rounds of `repeats` back-to-back replays."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+
+    def replays():
+        for _ in range(repeats):
+            graph.replay()
+
+    return min(cuda_time(replays) for _ in range(5)) / repeats
+
+
+def expert_gemm_probe(D=2048, I=1408, E=64, K=6, tokens=(1, 16, 64)) -> None:
+    """Routed-expert GEMMs alone, replayed from CUDA graphs as a decode step runs them: bf16
+    grouped GEMM against the block-scaled FP8 grouped GEMM (activation quantisation included),
+    random routing. Bandwidth counts the weights of the experts the routing touched."""
     from model.fp8 import quantize_weight
+    from model.fp8_gemm import fp8_grouped_mm, quantize_1x128
 
     torch.manual_seed(0)
-    x = torch.randn(rows, D, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(E, 2 * I, D, device="cuda", dtype=torch.bfloat16) * 0.02
-    offs = torch.arange(1, E + 1, device="cuda", dtype=torch.int32) * (rows // E)
-
-    def bench(fn, n=20):
-        fn()
-        return min(cuda_time(fn) for _ in range(n))
-
-    base = bench(lambda: grouped_mm(x, w.transpose(1, 2), offs))
-    print(f"fp8 probe: bf16 grouped GEMM {rows}x{D} over {E} experts x [{D}, {2 * I}]: {base * 1e6:.0f} us")
-    loop = bench(lambda: [x[i * 6 : i * 6 + 6] @ w[i].t() for i in range(E)])
-    print(f"fp8 probe: bf16 per-expert loop: {loop * 1e6:.0f} us")
-    f8 = torch.float8_e4m3fn
-    # rowwise-scaled grouped FP8 (one scale per activation row / weight output column)
-    try:
-        wq = (w / (w.abs().amax(-1, keepdim=True) / 448)).to(f8)  # [E, 2I, D]
-        sw = (w.abs().amax(-1) / 448).float()  # [E, 2I]
-        xq = (x / (x.abs().amax(-1, keepdim=True) / 448)).to(f8)
-        sx = (x.abs().amax(-1) / 448).float()
-        t = bench(lambda: torch._scaled_grouped_mm(xq, wq.transpose(1, 2), sx, sw, offs=offs, out_dtype=torch.bfloat16))
-        print(f"fp8 probe: rowwise grouped _scaled_grouped_mm: {t * 1e6:.0f} us ({base / t:.2f}x bf16 grouped)")
-    except Exception as err:  # noqa: BLE001 - a probe reports what this build lacks
-        print(f"fp8 probe: _scaled_grouped_mm rowwise failed: {type(err).__name__}: {str(err)[:200]}")
-    # DeepSeek block scaling: 1x128 activation tiles, 128x128 weight blocks, one expert per call
-    try:
-        q, s = zip(*(quantize_weight(w[i]) for i in range(E)))  # [2I, D] e4m3, [2I/128, D/128]
-        xs = x.view(rows, D // 128, 128)
-        xscale = (xs.abs().amax(-1) / 448).float().clamp(min=1e-12)  # [rows, D/128]
-        xq = (xs / xscale[..., None]).to(f8).view(rows, D)
-        xscale = xscale.t().contiguous().t()  # 1x128 activation scales: outer-dim-major
-
-        xscales = [xscale[i * 6 : i * 6 + 6].t().contiguous().t() for i in range(E)]
-
-        def blockwise():
-            for i in range(E):
-                a = slice(i * 6, i * 6 + 6)  # per-expert scales re-laid out below
-                torch._scaled_mm(xq[a], q[i].t(), xscales[i], s[i].t(), out_dtype=torch.bfloat16)
-
-        t = bench(blockwise)
-        print(f"fp8 probe: blockwise _scaled_mm loop (1x128 / 128x128): {t * 1e6:.0f} us ({loop / t:.2f}x bf16 loop)")
-        ref = x[:6].float() @ w[0].float().t()
-        got = torch._scaled_mm(xq[:6], q[0].t(), xscales[0], s[0].t(), out_dtype=torch.bfloat16)
-        print(f"fp8 probe: blockwise relative error {((got.float() - ref).norm() / ref.norm()).item():.4f}")
-    except Exception as err:  # noqa: BLE001
-        print(f"fp8 probe: blockwise _scaled_mm failed: {type(err).__name__}: {str(err)[:300]}")
+    for name, (n, k) in {"w13": (2 * I, D), "w2": (D, I)}.items():
+        w = torch.randn(E, n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        wq, ws = (torch.stack(t) for t in zip(*(quantize_weight(w[e]) for e in range(E))))
+        for T in tokens:
+            rows = T * K
+            experts = torch.stack([torch.randperm(E, device="cuda")[:K] for _ in range(T)]).view(-1).sort().values
+            offsets = torch.bincount(experts, minlength=E).cumsum(0).to(torch.int32)
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            dense = replay_time(lambda: grouped_mm(x, w.transpose(1, 2), offsets))
+            fp8 = replay_time(lambda: fp8_grouped_mm(*quantize_1x128(x), wq, ws, offsets, T))
+            touched = int((offsets.diff(prepend=offsets.new_zeros(1)) > 0).sum()) * n * k
+            print(f"expert GEMM {name} [{rows}x{k}] x {E} x [{k}, {n}]: bf16 {dense * 1e6:6.0f} us ({2 * touched / dense / 1e12:.2f} TB/s), "
+                  f"fp8 {fp8 * 1e6:6.0f} us ({touched / fp8 / 1e12:.2f} TB/s): {dense / fp8:.2f}x")
 
 
 def main() -> int:
@@ -224,9 +223,10 @@ def main() -> int:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--skip-transformers", action="store_true")
-    parser.add_argument("--fp8-probe", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="top kernels of one eager step at batch 64")
+    parser.add_argument("--fp8", action="store_true", help="also time routed experts as block-scaled FP8 GEMMs")
+    parser.add_argument("--profile", action="store_true", help="top kernels of one replayed step at the smallest and largest batch")
     args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}")
     hf, ours = build_pair({"num_hidden_layers": args.layers})
     params = sum(p.numel() for p in hf.parameters())
@@ -243,23 +243,38 @@ def main() -> int:
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth: {bandwidth / 1e12:.2f} TB/s (read + write)")
     print(f"{'batch':>5} {'transformers ms':>16} {'ours eager ms':>14} {'ours graph ms':>14} {'speed-up':>9} {'roofline':>9} {'row-0 greedy tokens, graph vs eager':>15}")
-    for batch in [int(b) for b in args.batches.split(",")]:
+    measured = {}
+    for batch in batches:
         eager, eager_tokens = ours_step(ours, batch, args.prompt, args.steps, graphs=False)
         graph, graph_tokens = ours_step(ours, batch, args.prompt, args.steps, graphs=True)
         theirs = float("nan") if args.skip_transformers else transformers_step(hf, batch, args.prompt, args.steps)
+        measured[batch] = (theirs, graph, graph_tokens)
         roof = step_bytes(ours, batch, args.prompt + args.steps) / bandwidth / graph
         same = next((i for i, (a, b) in enumerate(zip(eager_tokens, graph_tokens)) if a != b), len(graph_tokens))
         print(f"{batch:>5} {theirs * 1e3:>16.2f} {eager * 1e3:>14.2f} {graph * 1e3:>14.2f} {theirs / graph:>8.1f}x "
               f"{roof * 100:>8.1f}% {same:>6}/{len(graph_tokens)} same")
     if args.profile:
-        try:
-            profile_eager_step(ours, 64, args.prompt)
-        except Exception as err:  # noqa: BLE001 - the timings above stand without it
-            print(f"profile failed: {type(err).__name__}: {err}")
-    if args.fp8_probe:
-        del hf, ours
+        for batch in (batches[0], batches[-1]):
+            profile_graph_step(ours, batch, args.prompt, "bf16")
+    if args.fp8:
+        del hf
+        for module in ours.modules():
+            if isinstance(module, ExpertBank):
+                module.quantize_fp8()
         torch.cuda.empty_cache()
-        fp8_probe()
+        print("routed experts as FP8 (128x128 block scales, 1x128 activation tiles):")
+        print(f"{'batch':>5} {'ours fp8 graph ms':>18} {'vs transformers':>16} {'vs bf16 graph':>14} {'roofline':>9} {'row-0 greedy tokens, fp8 vs bf16':>15}")
+        for batch in batches:
+            theirs, dense, dense_tokens = measured[batch]
+            graph, tokens = ours_step(ours, batch, args.prompt, args.steps, graphs=True)
+            roof = step_bytes(ours, batch, args.prompt + args.steps) / bandwidth / graph
+            same = next((i for i, (a, b) in enumerate(zip(dense_tokens, tokens)) if a != b), len(tokens))
+            print(f"{batch:>5} {graph * 1e3:>18.2f} {theirs / graph:>15.1f}x {dense / graph:>13.2f}x {roof * 100:>8.1f}% {same:>6}/{len(tokens)} same")
+        if args.profile:
+            profile_graph_step(ours, batches[-1], args.prompt, "fp8")
+        del ours
+        torch.cuda.empty_cache()
+        expert_gemm_probe()
     return 0
 
 

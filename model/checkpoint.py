@@ -18,8 +18,9 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.errors import CheckpointError
-from model.fp8 import dequantize_weight
-from model.moe import ExpertBank
+from model.fp8 import BLOCK as FP8_BLOCK
+from model.fp8 import dequantize_weight, quantize_weight
+from model.moe import ExpertBank, MoE
 from model.transformer import Transformer
 
 log = logging.getLogger("moe.model")
@@ -140,6 +141,40 @@ def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:
     setattr(owner, leaf, nn.Parameter(value, requires_grad=False))
 
 
+def fp8_experts_possible(cfg: ModelConfig, device: str | torch.device) -> tuple[bool, str]:
+    """Whether routed experts can stay FP8 on `device`, and why not."""
+    from model.fp8_gemm import fp8_grouped_mm_available
+
+    if not fp8_grouped_mm_available(torch.device(device)):
+        return False, f"{device} has no FP8 grouped GEMM (needs Triton and a CUDA GPU of compute capability 8.9+)"
+    if cfg.hidden_size % FP8_BLOCK or cfg.moe_intermediate_size % FP8_BLOCK:
+        return False, f"hidden_size and moe_intermediate_size must be multiples of {FP8_BLOCK} for FP8 experts"
+    return True, ""
+
+
+def _fp8_expert_weight(ckpt: Checkpoint, key: str, shape: tuple[int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """An expert projection as (float8_e4m3fn [N, K], block scales [N/128, K/128]): taken as
+    stored from an FP8 checkpoint, quantised from a dense one."""
+    raw = ckpt.raw(key)
+    if raw.dtype == torch.float8_e4m3fn and tuple(raw.shape) == shape and key + "_scale_inv" in ckpt:
+        return raw.to(device), ckpt.raw(key + "_scale_inv").float().to(device)
+    return quantize_weight(ckpt.get(key, shape, torch.float32).to(device))
+
+
+def _load_bank_fp8(ckpt: Checkpoint, bank: ExpertBank, layer: int, dim: int, device) -> None:
+    inter = bank.inter_dim
+    w13, s13, w2, s2 = [], [], [], []
+    for expert in bank.expert_ids:
+        gate = _fp8_expert_weight(ckpt, expert_key(layer, expert, "gate_proj"), (inter, dim), device)
+        up = _fp8_expert_weight(ckpt, expert_key(layer, expert, "up_proj"), (inter, dim), device)
+        down = _fp8_expert_weight(ckpt, expert_key(layer, expert, "down_proj"), (dim, inter), device)
+        w13.append(torch.cat([gate[0], up[0]]))
+        s13.append(torch.cat([gate[1], up[1]]))
+        w2.append(down[0])
+        s2.append(down[1])
+    bank.keep_fp8(torch.stack(w13), torch.stack(s13), torch.stack(w2), torch.stack(s2))
+
+
 def _load_bank(ckpt: Checkpoint, bank: ExpertBank, layer: int, dim: int, dtype: torch.dtype, device) -> None:
     inter = bank.inter_dim
     w13 = torch.empty(len(bank.expert_ids), 2 * inter, dim, dtype=dtype, device=device)
@@ -157,12 +192,18 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
     with_routed_experts: bool = True,
+    fp8_experts: bool | None = None,
 ) -> Transformer:
     """Build the model from a checkpoint. Without routed experts, MoE blocks hold only their gate
-    and shared experts (an attention worker's share of the weights)."""
+    and shared experts (an attention worker's share of the weights).
+
+    fp8_experts: keep the routed experts in FP8 with 128x128 block scales and run them with FP8
+    GEMMs (quantising dense checkpoints at load); None (default) does so when the checkpoint's
+    experts are FP8 and the device can, and dequantises otherwise."""
     cfg = ModelConfig.from_model_dir(model_dir)
     dtype = resolve_dtype(cfg, dtype)
     ckpt = Checkpoint(model_dir)
+    fp8_experts = with_routed_experts and _resolve_fp8_experts(ckpt, cfg, device, fp8_experts)
     with torch.device("meta"):
         model = Transformer(cfg, with_routed_experts)
     params = dict(model.named_parameters())
@@ -183,15 +224,37 @@ def load_model(
             log.info("loading layer %d/%d (%.1f MB so far)", layer + 1, cfg.num_hidden_layers, loaded_bytes / 2**20)
     for block in model.layers:
         experts = getattr(block.ffn, "experts", None)
-        if isinstance(experts, ExpertBank):
+        if isinstance(experts, ExpertBank) and fp8_experts:
+            _load_bank_fp8(ckpt, experts, block.layer, cfg.hidden_size, device)
+        elif isinstance(experts, ExpertBank):
             _load_bank(ckpt, experts, block.layer, cfg.hidden_size, dtype, device)
+    if torch.device(device).type == "cuda":  # one grouped GEMM per projection for shared and routed experts
+        for block in model.layers:
+            if isinstance(block.ffn, MoE):
+                block.ffn.absorb_shared_into_experts()
     model.rotary = type(model.rotary)(cfg.rope, cfg.qk_rope_head_dim, cfg.max_position_embeddings, cfg.rope_interleave).to(device)
     for module in model.modules():
         if isinstance(module, ExpertBank):
             module.build_slot_table(device)
     model.eval()
-    log.info("model loaded from %s: %d layers, dtype %s, device %s", model_dir, cfg.num_hidden_layers, dtype, device)
+    log.info("model loaded from %s: %d layers, dtype %s%s, device %s", model_dir, cfg.num_hidden_layers, dtype,
+             ", routed experts FP8" if fp8_experts else "", device)
     return model
+
+
+def _resolve_fp8_experts(ckpt: Checkpoint, cfg: ModelConfig, device, asked: bool | None) -> bool:
+    if asked is False or not cfg.moe_layers:
+        return False
+    if asked is None:
+        first = expert_key(cfg.moe_layers[0], 0, "gate_proj")
+        if first not in ckpt or ckpt.raw(first).dtype != torch.float8_e4m3fn:
+            return False
+    possible, why_not = fp8_experts_possible(cfg, device)
+    if asked and not possible:
+        raise CheckpointError(f"cannot keep routed experts in FP8: {why_not}")
+    if not possible:
+        log.info("FP8 experts dequantised: %s", why_not)
+    return possible
 
 
 def load_expert_banks(

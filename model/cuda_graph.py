@@ -8,15 +8,27 @@ of CPU instead of ~1,000 kernel launches. Prefill stays eager and writes the sam
 
 Rows of a bucket past the real batch decode a dummy token into a scratch cache block, so they
 never touch a real sequence's latents.
+
+Where Triton is available, each layer runs through `torch.compile(Block.forward)` (inductor,
+static shapes) inside the graph: it fuses the norms, rotary, gating and expert bookkeeping, which
+halved the kernels a V2-Lite-sized step launches (2,528 -> 1,177 at batch 1 on an H200). Every
+layer of a kind shares one compiled graph per bucket; compiling costs ~10-30 s on a bucket's
+first use, so the decoder logs it.
 """
 
 from __future__ import annotations
+
+import functools
+import logging
+import time
 
 import torch
 
 from model.kv_cache import LatentKVCache
 from model.moe import ExpertBank, MoE
-from model.transformer import Transformer
+from model.transformer import Block, Transformer
+
+log = logging.getLogger("moe.model")
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SCRATCH = ("cuda-graph-scratch",)  # cache owner of the padding rows' block
@@ -32,10 +44,13 @@ def bucket(n: int, sizes) -> int:
 class GraphDecoder:
     """`decode(tokens, seqs, lengths)` with the semantics of `Transformer.decode`, replayed."""
 
-    def __init__(self, model: Transformer, cache: LatentKVCache, min_context: int = 256):
+    def __init__(self, model: Transformer, cache: LatentKVCache, min_context: int = 256, compile_layers: bool | None = None):
         if cache.pool.device.type != "cuda":
             raise ValueError("CUDA graphs need the model and cache on a CUDA device")
         self.model, self.cache = model, cache
+        if compile_layers is None:
+            compile_layers = can_compile()
+        self.run_block = compiled_block_forward() if compile_layers else None
         self.device = cache.pool.device
         self.context_buckets = tuple(min_context << i for i in range(32) if min_context << i < 2 * cache.capacity_tokens)
         cache.allocate(SCRATCH, cache.block_size)
@@ -62,8 +77,10 @@ class GraphDecoder:
 
     @torch.inference_mode()
     def _capture(self, B: int, T: int):
+        started = time.monotonic()
+        log.info("capturing the decode graph for batch %d, context %d%s", B, T, " (compiling layers)" if self.run_block else "")
         inputs = self._static_inputs(B, T)
-        step = lambda: self.model.decode_step(pool=self.cache.pool, **inputs)  # noqa: E731
+        step = lambda: self.model.decode_step(pool=self.cache.pool, run_block=self.run_block, **inputs)  # noqa: E731
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # warm-up outside capture: lazy inits, cuBLAS workspaces
@@ -73,6 +90,7 @@ class GraphDecoder:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             logits = step()  # [B, V]
+        log.info("decode graph for batch %d, context %d ready in %.1f s", B, T, time.monotonic() - started)
         return graph, inputs, logits
 
     @torch.inference_mode()
@@ -104,3 +122,26 @@ class GraphDecoder:
             inputs["bias"][n:, :, 0] = 0
         graph.replay()
         return logits[:n]
+
+
+def can_compile() -> bool:
+    """Inductor's CUDA kernels need Triton."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def compiled_block_forward():
+    """`Block.forward` compiled for static shapes, one per process so that every decoder reuses
+    what others compiled. Dynamo keys its cache on the function, so every bucket x layer kind x
+    weight dtype adds an entry: the default limit of 8 would silently send later buckets back to
+    eager code."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), 1024))
+    return torch.compile(Block.forward, dynamic=False)

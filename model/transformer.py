@@ -71,12 +71,14 @@ class Transformer(nn.Module):
         p = self.head.weight
         return attention_dtype(p.dtype, p.device)
 
-    def _run(self, tokens, positions, pool: torch.Tensor, write_slots, context, all_logits: bool) -> torch.Tensor:
-        """pool: [L, N, C+R] latent cache; the rest as in `Block.forward`."""
+    def _run(self, tokens, positions, pool: torch.Tensor, write_slots, context, all_logits: bool, run_block=None) -> torch.Tensor:
+        """pool: [L, N, C+R] latent cache; run_block(block, x, ...) replaces `block(x, ...)`
+        (a compiled `Block.forward`); the rest as in `Block.forward`."""
         x = self.embed(tokens)
         rot = self.rotary.rotation(positions)  # [B, S, R, R], shared by every layer
         for block in self.layers:
-            x = block(x, rot, pool[block.layer], write_slots, context)
+            args = (x, rot, pool[block.layer], write_slots, context)
+            x = block(*args) if run_block is None else run_block(block, *args)
         if not all_logits:
             x = x[:, -1:]
         return self.head(self.norm(x))  # fp32
@@ -118,7 +120,7 @@ class Transformer(nn.Module):
         write_slots = index.gather(1, positions)  # [B, 1]
         return self.decode_step(tokens, positions, cache.pool, write_slots, index, bias[:, None, :])
 
-    def decode_step(self, tokens, positions, pool, write_slots, index, bias) -> torch.Tensor:
+    def decode_step(self, tokens, positions, pool, write_slots, index, bias, run_block=None) -> torch.Tensor:
         """The decode step on tensors alone (what a CUDA graph captures): tokens [B], positions
         [B, 1], pool [L, N, C+R], write_slots [B, 1], index [B, T], bias [B, 1, T] -> logits [B, V]."""
-        return self._run(tokens[:, None], positions, pool, write_slots, (index, bias), False)[:, 0]
+        return self._run(tokens[:, None], positions, pool, write_slots, (index, bias), False, run_block)[:, 0]

@@ -132,6 +132,21 @@ def test_grouped_gemm_expert_path_equals_expert_loop(v3_checkpoint):
     assert torch.allclose(grouped, loop, atol=1e-5, rtol=1e-5)
 
 
+def test_shared_experts_absorbed_into_the_bank_compute_the_same_moe(v3_checkpoint):
+    """Shared experts served as always-on slots of the grouped GEMMs (the GPU layout) give the
+    MoE block's output of a separate shared MLP."""
+    from model.checkpoint import load_model
+
+    path, _ = v3_checkpoint
+    separate, absorbed = load_model(path), load_model(path)
+    absorbed.layers[1].ffn.absorb_shared_into_experts()
+    assert absorbed.layers[1].ffn.shared is None and absorbed.layers[1].ffn.experts.shared_slots == 1
+    x = torch.randn(2, 7, separate.cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = separate.layers[1].ffn(x), absorbed.layers[1].ffn(x)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_decode_gather_table_masks_padding_of_shorter_sequences():
     from model.kv_cache import LatentKVCache
 

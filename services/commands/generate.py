@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--ignore-eos", action="store_true", help="generate max-new-tokens whatever comes")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's torch_dtype")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (with --model)")
+    parser.add_argument("--fp8-experts", choices=["auto", "on", "off"], default="auto",
+                        help="routed experts as block-scaled FP8 GEMMs (GPUs with FP8 tensor cores); "
+                        "auto: when the checkpoint's experts are FP8 and the device can")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds (with --endpoint)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -56,7 +59,8 @@ def _run_local(args: argparse.Namespace) -> int:
     prompt = codec.encode(args.prompt) if args.prompt is not None else _ids(args.prompt_ids, "--prompt-ids")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise CliError("--device cuda was asked for but no CUDA device is available")
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    fp8_experts = {"auto": None, "on": True, "off": False}[args.fp8_experts]
+    model = load_model(args.model, dtype=args.dtype, device=args.device, fp8_experts=fp8_experts)
     stops = () if args.ignore_eos else model.cfg.eos_token_ids
     if args.stop_ids is not None:
         stops = tuple(_ids(args.stop_ids, "--stop-ids"))
