@@ -7,27 +7,15 @@
     server = serve_ucx(50054, shard.compute)          # beside the shard's gRPC server
     server.close()
 
-Threads: one progress thread per process (`_UcxRuntime`) owns a UCXX worker of the low-level API
-(no asyncio, no UCXX progress or notifier thread) and serves every client and listener of the
-process. `submit` does its work on the caller's thread: it encodes (dtype conversion / FP8
-quantisation in parallel with other callers), then, under the runtime's `ucx` lock, posts the
-receive for the reply's tail and the frame's sends; a small send completes inside that call, so
-the progress thread is not woken for it. The progress thread receives the reply head and
-completes the caller's future itself. The listener receives on the progress thread and runs each
-request's `compute` in a thread pool, whose thread also posts the reply; requests from many
-workers reach the shard concurrently and its compute thread merges them per layer.
-
-Progress: the thread progresses the worker until it has nothing left, handles the requests that
-completed, arms the worker and sleeps in epoll on the worker's event fd, plus an eventfd that other
-threads write when they leave it something to do (a send that did not complete at once, a new
-connection, a timer earlier than the one it sleeps until). It holds the GIL only while it handles
-a completion, and wakes the threads it completed work for only once it is about to sleep (woken
-earlier, they took turns with it at the GIL). An idle client or listener costs no CPU. This
-replaced UCXX's asyncio API, where a reply went UCXX progress thread -> notifier thread -> event
-loop -> caller, and whose re-polling modes spin a core while holding the GIL.
-UCXPY_PROGRESS_MODE=polling makes the thread spin on progress instead of sleeping (for nodes with
-cores to spare; the chart sets it on GPU nodes); any other value sleeps. UCX_* variables
-(UCX_TLS, UCX_RNDV_THRESH, ...) apply as usual.
+Threads: one progress thread per process (`UcxRuntime`, ucx_runtime.py: how it progresses, sleeps
+and wakes, UCXPY_PROGRESS_MODE) serves every client and listener of the process. `submit` does its
+work on the caller's thread: it encodes (dtype conversion / FP8 quantisation in parallel with other
+callers), then, under the runtime's `ucx` lock, posts the receive for the reply's tail and the
+frame's sends; a small send completes inside that call, so the progress thread is not woken for
+it. The progress thread receives the reply head and completes the caller's future itself. The
+listener receives on the progress thread and runs each request's `compute` in a thread pool, whose
+thread also posts the reply; requests from many workers reach the shard concurrently and its
+compute thread merges them per layer.
 
 Failure: every request has a timer on the progress thread; an endpoint error (peer killed,
 connection reset), a receive error or the timer fails the future with ReplicaUnavailable. An
@@ -46,16 +34,10 @@ Where bytes are copied (host memory; "GPU" = tensors on a CUDA device):
 
 from __future__ import annotations
 
-import atexit
-import collections
 import concurrent.futures
-import heapq
 import itertools
 import logging
-import math
-import os
 import secrets
-import select
 import threading
 import time
 import weakref
@@ -81,268 +63,18 @@ from services.transport.base import (
     Transport,
     check_dispatch_dtype,
 )
+from services.transport.ucx_runtime import (
+    CLOSE_TIMEOUT_S,
+    UcxRuntime,
+    UcxUnavailable,  # noqa: F401 - re-exported: what UcxTransport() and serve_ucx raise without ucxx
+    ignore,
+    ucx_available,
+)
 
 log = get_logger("transport.ucx")
 
 NAME = "ucx"
 COMPUTE_THREADS = 32          # concurrent compute calls the listener keeps in flight
-CLOSE_TIMEOUT_S = 5.0
-# A sleeping progress thread may serve a timer this late. Answered requests leave their timers in
-# the heap; the slack lets the thread discard them in batches instead of waking for each one.
-TIMER_SLACK_S = 0.05
-
-
-class UcxUnavailable(RuntimeError):
-    """UCXX cannot be used in this process; `--transport ucx` must stop here, not fall back."""
-
-
-_import_result: tuple[bool, str] | None = None
-
-
-def ucx_available() -> tuple[bool, str]:
-    """(True, "ucxx <version> / UCX <version>") or (False, why it cannot be imported)."""
-    global _import_result
-    if _import_result is None:
-        # UCXX sets UCX_MEMTYPE_CACHE itself, which UCX >= 1.19 no longer knows and warns about
-        os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
-        try:
-            import ucxx
-        except Exception as err:  # noqa: BLE001 - a broken install raises more than ImportError
-            _import_result = (False, f"cannot import ucxx ({type(err).__name__}: {err}); "
-                                     "install ucxx-cu12 (or ucxx-cu13) or use --transport grpc")
-        else:
-            _import_result = (True, f"ucxx {ucxx.__version__} / UCX {ucxx.__ucx_version__}")
-    return _import_result
-
-
-def _wire_buffer(tensor: torch.Tensor):
-    """What UCXX accepts for a uint8 torch tensor: numpy on the host, the tensor on a GPU
-    (torch exposes __cuda_array_interface__); neither copies."""
-    return tensor if tensor.is_cuda else tensor.numpy()
-
-
-class _UcxRuntime:
-    """The process's UCX worker and the thread that progresses it (see Progress above)."""
-
-    _instance: "_UcxRuntime | None" = None
-    _instance_lock = threading.Lock()
-
-    def __init__(self) -> None:
-        ok, reason = ucx_available()
-        if not ok:
-            raise UcxUnavailable(f"transport 'ucx': {reason}")
-        from ucxx._lib import libucxx as api
-        from ucxx._lib.arr import Array
-
-        self.api, self.Array = api, Array
-        context = api.UCXContext(feature_flags=(api.Feature.TAG, api.Feature.STREAM, api.Feature.WAKEUP))
-        # no delayed submission and no Python futures: requests are posted by the calling thread
-        # and completion is read from the request itself
-        self.worker = api.UCXWorker(context)
-        self.worker.init_blocking_progress_mode()
-        self.polling = os.environ.get("UCXPY_PROGRESS_MODE") == "polling"
-        self.progress_mode = "polling" if self.polling else "epoll"
-        self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._epoll = select.epoll()
-        self._epoll.register(self.worker.epoll_file_descriptor, select.EPOLLIN)
-        self._epoll.register(self._wakeup, select.EPOLLIN)
-        self._incoming: collections.deque = collections.deque()  # from other threads: calls and watches
-        self._watched: list[tuple[Any, Callable, Any]] = []       # (request, on_complete, keep-alive)
-        self._wakers: list[Callable[[], None]] = []                # run just before sleeping
-        # Every UCXX call (and the release of a UCXX object) happens under this lock: posting from
-        # a caller while the progress thread is inside progress() deadlocked in UCXX (its endpoint
-        # mutex against the UCP worker lock). The progress thread holds it except while it sleeps
-        # or wakes other threads, so a caller rarely waits, and then for one iteration.
-        self.ucx = threading.RLock()
-        self._lock = threading.Lock()                              # guards the two below
-        self._timers: list[tuple[float, int, Callable[[], None]]] = []
-        self._sleeping_until = 0.0                                 # 0: awake, reads the timers itself
-        self._order = itertools.count()
-        self._stopping = False
-        # UCX's CUDA transports progress rendezvous transfers on this thread: give it the device
-        # the process uses (UCXX's own progress thread did the same for device 0)
-        self._cuda_device = torch.cuda.current_device() if torch.cuda.is_available() else None
-        self.thread = threading.Thread(target=self._run, name="ucx-progress", daemon=True)
-        self.thread.start()
-        # a daemon thread inside UCX while the interpreter tears down its objects would crash it
-        atexit.register(self.stop)
-
-    @classmethod
-    def get(cls) -> "_UcxRuntime":
-        with cls._instance_lock:
-            if cls._instance is None:
-                cls._instance = _UcxRuntime()
-            return cls._instance
-
-    # ---- for any thread ---------------------------------------------------------------------
-    def on_thread(self) -> bool:
-        return threading.get_ident() == self.thread.ident
-
-    def call(self, fn: Callable[[], None]) -> None:
-        """Run `fn` on the progress thread (soon; in order with other calls)."""
-        self._incoming.append((None, fn, None))
-        if not self.on_thread():
-            os.eventfd_write(self._wakeup, 1)
-
-    def run(self, fn: Callable[[], Any], timeout: float) -> Any:
-        """Run `fn` on the progress thread and return its result (inline once it has stopped)."""
-        if self.on_thread():
-            return fn()
-        if not self.thread.is_alive():
-            with self.ucx:
-                return fn()
-        future: concurrent.futures.Future = concurrent.futures.Future()
-
-        def run_it() -> None:
-            try:
-                future.set_result(fn())
-            except Exception as err:  # noqa: BLE001 - re-raised in the caller
-                future.set_exception(err)
-        self.call(run_it)
-        return future.result(timeout)
-
-    def watch(self, request, on_complete: Callable[[Any], None], keep: Any = None) -> None:
-        """Call on_complete(request) on the progress thread once `request` completes; `keep`
-        (the buffer UCX reads or writes) stays referenced until then."""
-        if self.on_thread():
-            self._watched.append((request, on_complete, keep))
-        else:
-            self._incoming.append((request, on_complete, keep))
-            os.eventfd_write(self._wakeup, 1)
-
-    def wake_later(self, fn: Callable[[], None]) -> None:
-        """Run `fn`, which wakes another thread (completes a future, starts a compute), on the
-        progress thread right before it sleeps, or at once on any other thread. Woken earlier, that
-        thread would take turns at the GIL with this one at every UCXX call still to come."""
-        if self.on_thread():
-            self._wakers.append(fn)
-        else:
-            fn()
-
-    def call_at(self, deadline: float, fn: Callable[[], None]) -> None:
-        """Run `fn` on the progress thread at time.monotonic() `deadline` (up to TIMER_SLACK_S late)."""
-        with self._lock:
-            heapq.heappush(self._timers, (deadline, next(self._order), fn))
-            wake = deadline + TIMER_SLACK_S < self._sleeping_until
-        if wake:
-            os.eventfd_write(self._wakeup, 1)
-
-    def send_frame(self, endpoint, link: int, kind: int, sequence: int, frame: wire.Frame,
-                   on_error: Callable[[str], None]) -> None:
-        """Post every message of `frame`; raises the UCXX error of a send that failed at once.
-        A send still in flight is watched; on_error(reason) runs if it fails later. Hold `ucx`."""
-        for part, buffer in enumerate((frame.head, *frame.tails)):
-            request = endpoint.tag_send(self.Array(_wire_buffer(buffer)),
-                                        self.api.UCXXTag(wire.tag(link, kind, part, sequence)))
-            if request.completed:
-                request.check_error()
-            else:
-                self.watch(request, partial(_check_send, on_error), keep=buffer)
-            del request   # released under `ucx`, not when the caller's frame ends
-
-    def receive(self, endpoint, buffer: torch.Tensor | np.ndarray, tag: int, mask: int | None = None):
-        """Post a tag receive into `buffer` (uint8) on `endpoint`'s worker; returns the request.
-        Hold `ucx`."""
-        args = (self.api.UCXXTagMask(mask),) if mask is not None else ()
-        array = buffer if isinstance(buffer, np.ndarray) else _wire_buffer(buffer)
-        return endpoint.tag_recv(self.Array(array), self.api.UCXXTag(tag), *args)
-
-    def close_endpoint(self, endpoint) -> None:
-        """Close `endpoint` (progress thread). One that already failed is only dropped: UCXX
-        crashes progressing the close of an endpoint in error."""
-        if endpoint.alive:
-            self._watched.append((endpoint.close(), _ignore, endpoint))
-
-    def stop(self) -> None:
-        self._stopping = True
-        os.eventfd_write(self._wakeup, 1)
-        self.thread.join(CLOSE_TIMEOUT_S)
-
-    # ---- on the progress thread -------------------------------------------------------------
-    def _run(self) -> None:
-        if self._cuda_device is not None:
-            torch.cuda.set_device(self._cuda_device)
-        while not self._stopping:
-            with self.ucx:
-                self.worker.progress()
-                busy = self._take_incoming()
-                busy = self._complete() or busy
-                busy = self._fire_timers() or busy
-                # a handler may have posted requests that completed at once: look again first
-                if busy or not (self.polling or self.worker.arm()):
-                    continue
-            wakers, self._wakers = self._wakers, []
-            for fn in wakers:
-                _guarded(fn)
-            if self._incoming:  # posted since _take_incoming, maybe complete already
-                continue
-            self._sleep()
-
-    def _take_incoming(self) -> bool:
-        taken = False
-        while self._incoming:
-            request, fn, keep = self._incoming.popleft()
-            taken = True
-            if request is None:
-                _guarded(fn)
-            else:
-                self._watched.append((request, fn, keep))
-        return taken
-
-    def _complete(self) -> bool:
-        done, still = [], []
-        for item in self._watched:
-            (done if item[0].completed else still).append(item)
-        if not done:
-            return False
-        self._watched = still   # handlers may watch new requests
-        for request, on_complete, _ in done:
-            _guarded(on_complete, request)
-        return True
-
-    def _fire_timers(self) -> bool:
-        now, due = time.monotonic(), []
-        with self._lock:
-            while self._timers and self._timers[0][0] <= now:
-                due.append(heapq.heappop(self._timers)[2])
-        for fn in due:
-            _guarded(fn)
-        return bool(due)
-
-    def _sleep(self) -> None:
-        with self._lock:
-            deadline = self._timers[0][0] + TIMER_SLACK_S if self._timers else math.inf
-            self._sleeping_until = deadline
-        # polling: only a syscall without the GIL or `ucx`, in which a waiting caller gets them
-        timeout = 0.0 if self.polling else -1 if deadline == math.inf else max(0.0, deadline - time.monotonic())
-        self._epoll.poll(timeout)
-        with self._lock:
-            self._sleeping_until = 0.0
-        try:
-            os.eventfd_read(self._wakeup)
-        except BlockingIOError:
-            pass
-
-
-def _guarded(fn: Callable, *args) -> None:
-    """Run a handler on the progress thread; a bug in one must not stop the thread."""
-    try:
-        fn(*args)
-    except Exception as err:  # noqa: BLE001
-        event(log, "ucx progress handler failed", level=logging.ERROR, error=f"{type(err).__name__}: {err}",
-              exc_info=True)
-
-
-def _ignore(_request) -> None:
-    pass
-
-
-def _check_send(on_error: Callable[[str], None], request) -> None:
-    try:
-        request.check_error()
-    except Exception as err:  # noqa: BLE001 - endpoint errors surface here as UCXX exceptions
-        on_error(f"send failed: {type(err).__name__}: {err}")
-
 
 def _settle(future: concurrent.futures.Future, result=None, error: Exception | None = None) -> None:
     """Complete `future` unless it already is (a timer and a reply may race to it)."""
@@ -367,7 +99,7 @@ class _Pending:
     settled: bool = False               # outcome decided (the future may be completed a moment later)
 
 
-def _fail(runtime: _UcxRuntime, pending: _Pending, err: Exception, reason: str) -> None:
+def _fail(runtime: UcxRuntime, pending: _Pending, err: Exception, reason: str) -> None:
     if pending.settled:
         return
     pending.settled = True
@@ -507,7 +239,7 @@ class _Connection:
 class UcxExpertClient(ExpertClient):
     """The UCX link from this worker to one replica; thread-safe, reconnects after a failure."""
 
-    def __init__(self, replica_id: str, address: str, dispatch_dtype: str, runtime: _UcxRuntime,
+    def __init__(self, replica_id: str, address: str, dispatch_dtype: str, runtime: UcxRuntime,
                  connect_timeout: float = 5.0) -> None:
         host, sep, port = address.rpartition(":")
         if not sep or not port.isdigit():
@@ -599,7 +331,7 @@ class UcxTransport(Transport):
     def __init__(self, dispatch_dtype: str, connect_timeout: float = 5.0) -> None:
         self.dispatch_dtype = check_dispatch_dtype(dispatch_dtype)
         self.connect_timeout = connect_timeout
-        self.runtime = _UcxRuntime.get()
+        self.runtime = UcxRuntime.get()
 
     def connect(self, replica: ReplicaLike) -> UcxExpertClient:
         address = (replica.endpoints or {}).get("ucx")
@@ -701,7 +433,7 @@ class _Peer:
             if self.endpoint is None:
                 return
             try:
-                self.runtime.send_frame(self.endpoint, self.link, wire.KIND_REPLY, header.sequence, frame, _ignore)
+                self.runtime.send_frame(self.endpoint, self.link, wire.KIND_REPLY, header.sequence, frame, ignore)
             except Exception:  # noqa: BLE001 - the receive side sees the same endpoint error and drops it
                 return
 
@@ -710,7 +442,7 @@ class UcxServer:
     """A UCX listener that answers request frames with `compute(batch)`; see serve_ucx."""
 
     def __init__(self, port: int, compute: Compute, device: str | torch.device = "cpu") -> None:
-        self.runtime = _UcxRuntime.get()
+        self.runtime = UcxRuntime.get()
         self.compute = compute
         self.device = torch.device(device)
         self.pool = concurrent.futures.ThreadPoolExecutor(COMPUTE_THREADS, thread_name_prefix="ucx-compute")
