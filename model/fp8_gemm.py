@@ -20,7 +20,6 @@ Triton is imported lazily: this module imports on machines without it, and
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
@@ -49,14 +48,23 @@ class GemmConfig:
 # availability
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_importable() -> bool:
+def _probe_triton() -> bool:
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
     except Exception:  # ImportError, or a broken install
         return False
     return True
+
+
+_TRITON: bool | None = None  # probed once; a plain global, since torch.compile traces the readers
+
+
+def _triton_importable() -> bool:
+    global _TRITON
+    if _TRITON is None:
+        _TRITON = _probe_triton()
+    return _TRITON
 
 
 def fp8_grouped_mm_available(device: torch.device | str | int | None = None) -> bool:
