@@ -109,13 +109,20 @@ class Checkpoint:
     def __contains__(self, key: str) -> bool:
         return key in self.file_of
 
-    def raw(self, key: str) -> torch.Tensor:
+    def _handle(self, key: str):
         if key not in self.file_of:
             raise CheckpointError(f"checkpoint in {self.dir} has no tensor '{key}'")
         path = self.file_of[key]
         if path not in self._handles:
             self._handles[path] = self._open_file(path)
-        return self._handles[path].get_tensor(key)
+        return self._handles[path]
+
+    def raw(self, key: str) -> torch.Tensor:
+        return self._handle(key).get_tensor(key)
+
+    def is_fp8(self, key: str) -> bool:
+        """Whether `key` is stored as float8_e4m3fn, read from the file header alone."""
+        return self._handle(key).get_slice(key).get_dtype() == "F8_E4M3"
 
     def get(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """Read one tensor, check its shape, dequantise FP8, cast to `dtype`."""
@@ -155,10 +162,18 @@ def fp8_experts_possible(cfg: ModelConfig, device: str | torch.device) -> tuple[
 def _fp8_expert_weight(ckpt: Checkpoint, key: str, shape: tuple[int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
     """An expert projection as (float8_e4m3fn [N, K], block scales [N/128, K/128]): taken as
     stored from an FP8 checkpoint, quantised from a dense one."""
+    if not ckpt.is_fp8(key):
+        return quantize_weight(ckpt.get(key, shape, torch.float32).to(device))
     raw = ckpt.raw(key)
-    if raw.dtype == torch.float8_e4m3fn and tuple(raw.shape) == shape and key + "_scale_inv" in ckpt:
-        return raw.to(device), ckpt.raw(key + "_scale_inv").float().to(device)
-    return quantize_weight(ckpt.get(key, shape, torch.float32).to(device))
+    if tuple(raw.shape) != shape:
+        raise CheckpointError(f"tensor '{key}' has shape {tuple(raw.shape)}, expected {shape}")
+    if key + "_scale_inv" not in ckpt:
+        raise CheckpointError(f"FP8 tensor '{key}' has no '{key}_scale_inv' next to it")
+    scale = ckpt.raw(key + "_scale_inv")
+    expected = (-(-shape[0] // FP8_BLOCK), -(-shape[1] // FP8_BLOCK))
+    if tuple(scale.shape) != expected:
+        raise CheckpointError(f"'{key}_scale_inv' has shape {tuple(scale.shape)}, expected {expected}")
+    return raw.to(device), scale.float().to(device)
 
 
 def _load_bank_fp8(ckpt: Checkpoint, bank: ExpertBank, layer: int, dim: int, device) -> None:
@@ -247,7 +262,7 @@ def _resolve_fp8_experts(ckpt: Checkpoint, cfg: ModelConfig, device, asked: bool
         return False
     if asked is None:
         first = expert_key(cfg.moe_layers[0], 0, "gate_proj")
-        if first not in ckpt or ckpt.raw(first).dtype != torch.float8_e4m3fn:
+        if first not in ckpt or not ckpt.is_fp8(first):
             return False
     possible, why_not = fp8_experts_possible(cfg, device)
     if asked and not possible:
