@@ -197,13 +197,13 @@ def expert_gemm_probe(D=2048, I=1408, E=64, K=6, tokens=(1, 16, 64)) -> None:
     """Routed-expert GEMMs alone, replayed from CUDA graphs as a decode step runs them: bf16
     grouped GEMM against the block-scaled FP8 grouped GEMM (activation quantisation included),
     random routing. Bandwidth counts the weights of the experts the routing touched."""
-    from model.fp8 import quantize_weight
+    from model.fp8 import quantize_stacked
     from model.fp8_gemm import fp8_grouped_mm, quantize_1x128
 
     torch.manual_seed(0)
     for name, (n, k) in {"w13": (2 * I, D), "w2": (D, I)}.items():
         w = torch.randn(E, n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-        wq, ws = (torch.stack(t) for t in zip(*(quantize_weight(w[e]) for e in range(E))))
+        wq, ws = quantize_stacked(w)
         for T in tokens:
             rows = T * K
             experts = torch.stack([torch.randperm(E, device="cuda")[:K] for _ in range(T)]).view(-1).sort().values

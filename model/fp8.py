@@ -25,6 +25,13 @@ def quantize_weight(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, 
     return q.view(rows * block, cols * block)[:n, :k].contiguous(), scale_inv
 
 
+def quantize_stacked(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stack of weights w: [E, N, K] -> (q [E, N, K], scale_inv [E, ceil(N/b), ceil(K/b)]),
+    each matrix quantised on its own as `quantize_weight` does."""
+    q, scale_inv = zip(*(quantize_weight(m, block) for m in w))
+    return torch.stack(q), torch.stack(scale_inv)
+
+
 def dequantize_weight(q: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype, block: int = BLOCK) -> torch.Tensor:
     """Inverse of `quantize_weight`: [N, K] FP8 + block scales -> [N, K] in `dtype`."""
     n, k = q.shape

@@ -151,12 +151,12 @@ class ExpertBank(nn.Module):
         w2 = shared.w2.weight.view(-1, n, inter).transpose(0, 1)  # [S, D, I]
         dense13, dense2 = torch.cat([w1, w3], dim=1), w2
         if self.is_fp8:
-            from model.fp8 import quantize_weight
+            from model.fp8 import quantize_stacked
 
-            q13, s13 = zip(*(quantize_weight(w) for w in dense13))
-            q2, s2 = zip(*(quantize_weight(w) for w in dense2))
-            self.keep_fp8(torch.cat([self.w13, torch.stack(q13)]), torch.cat([self.w13_scale, torch.stack(s13)]),
-                          torch.cat([self.w2, torch.stack(q2)]), torch.cat([self.w2_scale, torch.stack(s2)]))
+            q13, s13 = quantize_stacked(dense13)
+            q2, s2 = quantize_stacked(dense2)
+            self.keep_fp8(torch.cat([self.w13, q13]), torch.cat([self.w13_scale, s13]),
+                          torch.cat([self.w2, q2]), torch.cat([self.w2_scale, s2]))
         else:
             self.w13 = nn.Parameter(torch.cat([self.w13, dense13.to(self.w13.dtype)]), requires_grad=False)
             self.w2 = nn.Parameter(torch.cat([self.w2, dense2.to(self.w2.dtype)]), requires_grad=False)
@@ -165,11 +165,9 @@ class ExpertBank(nn.Module):
 
     def quantize_fp8(self) -> None:
         """Replace dense weights by their FP8 quantisation (DeepSeek's 128x128 blocks)."""
-        from model.fp8 import quantize_weight
+        from model.fp8 import quantize_stacked
 
-        w13, s13 = zip(*(quantize_weight(w) for w in self.w13))
-        w2, s2 = zip(*(quantize_weight(w) for w in self.w2))
-        self.keep_fp8(torch.stack(w13), torch.stack(s13), torch.stack(w2), torch.stack(s2))
+        self.keep_fp8(*quantize_stacked(self.w13), *quantize_stacked(self.w2))
 
     @property
     def is_fp8(self) -> bool:

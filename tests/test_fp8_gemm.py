@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import fp8_gemm
-from model.fp8 import dequantize_weight, quantize_weight
+from model.fp8 import dequantize_weight, quantize_stacked
 from model.fp8_gemm import GemmConfig, fp8_grouped_mm, fp8_grouped_mm_available, quantize_1x128
 
 gpu = pytest.mark.gpu
@@ -22,12 +22,6 @@ CONFIGS = [
     GemmConfig(block_m=32, block_n=128, num_warps=8, num_stages=4, swap_ab=True),
     GemmConfig(block_m=64, block_n=128, num_warps=4, num_stages=3, swap_ab=False),
 ]
-
-
-def quantize_bank(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[E, N, K] dense -> FP8 [E, N, K] + weight_scale_inv [E, ceil(N/128), K/128], as the checkpoint holds them."""
-    qs, ss = zip(*(quantize_weight(w[e]) for e in range(w.shape[0])))
-    return torch.stack(qs), torch.stack(ss)
 
 
 def reference(xq, xs, wq, ws, offsets) -> torch.Tensor:
@@ -51,7 +45,7 @@ def make_problem(counts, n, k, extra_rows=3, seed=0):
     e = len(counts)
     w = torch.randn(e, n, k, device="cuda", generator=g) * 0.05
     w[1, :, :128] = 0  # a zero weight block: its scale is 1, its values 0
-    wq, ws = quantize_bank(w)
+    wq, ws = quantize_stacked(w)
     m = sum(counts) + extra_rows  # rows past offsets[-1]: undefined, never compared
     x = torch.randn(m, k, device="cuda", generator=g, dtype=torch.bfloat16)
     xq, xs = quantize_1x128(x)
@@ -131,7 +125,7 @@ def test_grouped_mm_deepseek_v2_lite_shapes(tokens):
     offsets = counts.cumsum(0).to(torch.int32)
     m = tokens * top_k
     for n, k in [(2816, 2048), (2048, 1408)]:
-        wq, ws = quantize_bank(torch.randn(e, n, k, device="cuda", generator=g) * 0.02)
+        wq, ws = quantize_stacked(torch.randn(e, n, k, device="cuda", generator=g) * 0.02)
         xq, xs = quantize_1x128(torch.randn(m, k, device="cuda", generator=g, dtype=torch.bfloat16))
         out = fp8_grouped_mm(xq, xs, wq, ws, offsets, tokens)
         err = rel_err(out, reference(xq, xs, wq, ws, offsets))
@@ -145,7 +139,7 @@ def test_cuda_graph_replay_with_new_routing_equals_eager():
     e, n, k, tokens, top_k = 16, 256, 512, 24, 4
     m = tokens * top_k
     g = torch.Generator(device="cuda").manual_seed(7)
-    wq, ws = quantize_bank(torch.randn(e, n, k, device="cuda", generator=g) * 0.05)
+    wq, ws = quantize_stacked(torch.randn(e, n, k, device="cuda", generator=g) * 0.05)
     x = torch.empty(m, k, device="cuda", dtype=torch.bfloat16)
     offsets = torch.empty(e, device="cuda", dtype=torch.int32)
 
