@@ -98,6 +98,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dispatch-dtype", default="fp32", choices=["fp32", "bf16", "fp8"])
     parser.add_argument("--transport", default="grpc", choices=["grpc", "ucx"])
+    parser.add_argument("--attention-workers", type=int, default=1)
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     torch.set_num_threads(2)
@@ -107,13 +108,13 @@ def main() -> int:
         ours = load_model(model_dir)
         hf.eval()
         with LocalCluster(
-            model_dir, shards=2, replicas=1, attention_workers=1, planes=1, transport=args.transport,
+            model_dir, shards=2, replicas=1, attention_workers=args.attention_workers, planes=1, transport=args.transport,
             dispatch_dtype=args.dispatch_dtype, run_dir=Path(tmp) / "run",
             extra_args={"attention": ["--max-batch", str(max(batches)), "--kv-cache-tokens", "65536"]},
         ) as cluster:
             client = Client(cluster.gateway_endpoint, timeout=600)
             print(f"model: {sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M parameters, fp32; prompt {PROMPT_LEN}; "
-                  f"cluster: 1 attention worker, 2 expert shards, {args.transport} dispatch in {args.dispatch_dtype}")
+                  f"cluster: {args.attention_workers} attention worker(s), 2 expert shards, {args.transport} dispatch in {args.dispatch_dtype}")
             header = (f"{'batch':>5} {'cluster tok/s':>14} {'in-process tok/s':>17} {'transformers tok/s':>19} "
                       f"{'cluster/in-process':>19} {'cluster/transformers':>21}")
             print(header)

@@ -20,9 +20,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # fp32 statistics whatever the activation dtype, then weight * x_hat.to(x.dtype), as the
-        # reference does. Written out: F.rms_norm costs ~2x the dispatched ops on CPU (casts).
-        if x.dtype == torch.float32:  # no dtype round trip
-            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        # reference does. In fp32 that is F.rms_norm exactly (one dispatch, ~25% faster on CPU);
+        # for other dtypes F.rms_norm's casts cost ~2x the dispatched ops, so it is written out.
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 

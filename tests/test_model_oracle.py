@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model.checkpoint import load_model
 from model.generate import Engine, GenerationRequest
@@ -130,6 +133,37 @@ def test_grouped_gemm_expert_path_equals_expert_loop(v3_checkpoint):
         grouped = bank(x, ids, weights)
     assert loop.abs().max() > 0
     assert torch.allclose(grouped, loop, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_expert_paths_equal_a_per_token_reference(v3_checkpoint):
+    """Both CPU paths, one GEMM pair per expert (few experts hit) and batched GEMMs over all held
+    experts with the busiest experts' extra rows done one by one (most experts hit, skewed
+    counts), against each (token, expert) pair computed on its own."""
+    from model.checkpoint import load_expert_banks
+
+    path, _ = v3_checkpoint
+    (bank,) = load_expert_banks(path, {1: [0, 2, 5, 7]}).values()
+    g = torch.Generator().manual_seed(3)
+
+    def reference(x, ids, weights):
+        out = torch.zeros_like(x)
+        for t, k in itertools.product(range(ids.shape[0]), range(ids.shape[1])):
+            expert = int(ids[t, k])
+            if expert in bank.expert_ids:
+                slot = bank.expert_ids.index(expert)
+                gate, up = (bank.w13[slot] @ x[t]).split(bank.inter_dim)
+                out[t] += weights[t, k] * (bank.w2[slot] @ (F.silu(gate) * up))
+        return out
+
+    sparse_ids = torch.tensor([[2, 6, 1]])  # one token: one held expert of four
+    skewed_ids = torch.stack([torch.tensor([0, 1 + t % 3, 5 if t % 4 else 7]) for t in range(20)])  # expert 0 gets all 20
+    for ids in (sparse_ids, skewed_ids):
+        x = torch.randn(ids.shape[0], bank.w13.shape[2], generator=g)
+        weights = torch.rand(ids.shape, generator=g)
+        with torch.no_grad():
+            got, want = bank(x, ids, weights), reference(x, ids, weights)
+        assert want.abs().max() > 0
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
 
 
 def test_shared_experts_absorbed_into_the_bank_compute_the_same_moe(v3_checkpoint):
