@@ -6,7 +6,7 @@
 For message sizes 4 KiB .. 16 MiB, between two processes on this machine:
   one-way bandwidth  k messages streamed, one ack at the end        (GB/s)
   round trip         send N bytes, get the same N back, per message  (median microseconds)
-for: our UCX expert path (UcxExpertClient frames against serve_ucx, echo compute, fp32; its
+for: our UCX expert path (UcxExpertClient frames against serve_ucx, echo submit, fp32; its
 bandwidth counts both directions, its round trip is submit -> result), raw UCX tag messages
 through UCXX's asyncio API (endpoint from a listener; the variants below), a gRPC bidirectional
 stream with bytes payloads (benchmark-only generic handler, no protos), and torch copy_ of the same
@@ -17,8 +17,9 @@ UCXX asyncio: progress UCXPY_PROGRESS_MODE = thread with UCXPY_ENABLE_PYTHON_FUT
 default, what our path used before its own progress thread) | thread or blocking with UCXX's
 re-polling wait | polling; UCXPY_ENABLE_DELAYED_SUBMISSION=0; rendezvous threshold
 UCX_RNDV_THRESH = ucxx's 8 KiB vs 1 MiB; an endpoint created from the server's worker address
-instead of the listener. Ours: default | UCX_RNDV_THRESH=inf (eager tails) | UCXPY_PROGRESS_MODE=
-polling (its progress thread spins). Each reports the CPU a process burns per second while it only
+instead of the listener. Ours: default (ucx_runtime.UCX_DEFAULTS: eager up to any size, 512 KiB TCP
+segments) | UCXX's 8 KiB rendezvous threshold with UCX's TCP segments | UCXPY_PROGRESS_MODE=polling
+(its progress thread spins). Each reports the CPU a process burns per second while it only
 waits (raw: a posted receive; ours: a request the server holds for a second, both processes).
 
 Where copies happen: gRPC needs a Python `bytes` per message (one copy from the tensor, made
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import os
 import select
@@ -50,6 +52,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from services.transport import fp8  # noqa: E402
+
+# what the measured processes start from: importing ucxx (the orchestrator does, to report its
+# version) puts UCXX's UCX_* defaults in os.environ, which would override ucx_runtime's own
+LAUNCH_ENV = dict(os.environ)
 
 SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20]
 SINK, ECHO, STOP, IDLE = 1, 2, 3, 4
@@ -160,18 +166,25 @@ def serve_ucx_raw(by_address: bool) -> None:
     asyncio.run(main())
 
 
-def _echo(batch) -> torch.Tensor:
-    """Echo, which isolates the transport; or, for IDLE_LAYER, wait IDLE_S and answer with the CPU
+def _echo(batch, reply_dtype) -> concurrent.futures.Future:
+    """Echo, which isolates the transport: the future is complete on return, as a shard's would be
+    for a batch it had computed already. For IDLE_LAYER it completes IDLE_S later with the CPU
     this process burned per second meanwhile (its progress thread waiting on an open endpoint)."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
     if batch.layer != IDLE_LAYER:
-        return batch.hidden
+        future.set_result(batch.hidden.to(reply_dtype))
+        return future
     cpu, wall = time.process_time(), time.perf_counter()
-    time.sleep(IDLE_S)
-    return torch.full_like(batch.hidden, (time.process_time() - cpu) / (time.perf_counter() - wall))
+
+    def report() -> None:
+        burned = (time.process_time() - cpu) / (time.perf_counter() - wall)
+        future.set_result(torch.full_like(batch.hidden, burned, dtype=reply_dtype))
+    threading.Timer(IDLE_S, report).start()
+    return future
 
 
 def serve_ucx_expert() -> None:
-    from services.transport.ucx_transport import serve_ucx
+    from services.transport.ucx_server import serve_ucx
 
     server = serve_ucx(0, _echo)
     print(f"READY {server.port}", flush=True)
@@ -298,7 +311,7 @@ def memcpy_rows(sizes: list[int], quick: bool) -> dict:
 # ---- orchestration -------------------------------------------------------------------------
 def _start_server(role: str, env: dict) -> tuple[subprocess.Popen, int]:
     process = subprocess.Popen([sys.executable, __file__, "--role", role], stdout=subprocess.PIPE,
-                               env={**os.environ, **env}, text=True)
+                               env={**LAUNCH_ENV, **env}, text=True)
     deadline = time.monotonic() + READY_DEADLINE_S
     while time.monotonic() < deadline:
         ready, _, _ = select.select([process.stdout], [], [], max(0.0, deadline - time.monotonic()))
@@ -323,7 +336,7 @@ def _measure(server_role: str, client_role: str, env: dict, quick: bool) -> dict
     server, port = _start_server(server_role, env)
     try:
         done = subprocess.run([sys.executable, __file__, "--role", client_role, "--port", str(port)]
-                              + (["--quick"] if quick else []), env={**os.environ, **env},
+                              + (["--quick"] if quick else []), env={**LAUNCH_ENV, **env},
                               capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             raise RuntimeError(f"{client_role} failed: {done.stderr[-2000:]}")
@@ -386,7 +399,8 @@ UCX_VARIANTS = {   # name -> environment; the first two run in --quick
 }
 EXPERT_VARIANTS = {   # name -> environment; the first is ours as deployed, the only one in --quick
     OURS: {},
-    "ours, RNDV_THRESH=inf": {"UCX_RNDV_THRESH": "inf"},
+    # what ucx_runtime.UCX_DEFAULTS replace: UCXX's rendezvous threshold, UCX's TCP segments
+    "ours, ucxx/UCX settings": {"UCX_RNDV_THRESH": "8192", "UCX_TCP_TX_SEG_SIZE": "8K", "UCX_TCP_RX_SEG_SIZE": "64K"},
     "ours, polling": {"UCXPY_PROGRESS_MODE": "polling"},
 }
 

@@ -48,9 +48,9 @@ def _scaled_by_weight_sum(batch: ExpertBatch) -> torch.Tensor:
 
 def _serve(conn) -> None:
     """Child process: a UCX listener on a free port; reports the port, then serves until killed."""
-    from services.transport.ucx_transport import serve_ucx
+    from services.transport.ucx_server import run_in_threads, serve_ucx
 
-    server = serve_ucx(0, _scaled_by_weight_sum)
+    server = serve_ucx(0, run_in_threads(_scaled_by_weight_sum))
     conn.send(server.port)
     threading.Event().wait()
 
@@ -243,7 +243,7 @@ def test_record_without_ucx_endpoint_is_unavailable():
 def test_frame_layout_puts_small_sections_inline_and_large_ones_in_tails():
     small = wire.encode_request(7, 3, torch.zeros(4, 8, dtype=torch.int32), torch.ones(4, 8),
                                 torch.ones(4, 64), None, torch.float32)
-    assert small.tails == [] and small.head.numel() <= wire.HEAD_CAPACITY
+    assert small.tails == [] and small.head.nbytes <= wire.HEAD_CAPACITY
     q, scales = fp8.quantize_1x128(torch.randn(100, 7168))
     big = wire.encode_request(8, 3, torch.zeros(100, 8, dtype=torch.int32), torch.ones(100, 8), q, scales,
                               torch.bfloat16)
@@ -258,7 +258,7 @@ def test_frame_layout_puts_small_sections_inline_and_large_ones_in_tails():
 
 
 def test_closing_the_listener_fails_the_calls_it_was_serving():
-    from services.transport.ucx_transport import serve_ucx
+    from services.transport.ucx_server import run_in_threads, serve_ucx
 
     entered, release = threading.Event(), threading.Event()
 
@@ -267,7 +267,7 @@ def test_closing_the_listener_fails_the_calls_it_was_serving():
         release.wait(30)
         return batch.hidden
 
-    server = serve_ucx(0, stuck)
+    server = serve_ucx(0, run_in_threads(stuck))
     client = _connect(Listener(None, server.port), "fp32")
     try:
         future = client.submit(_batch(2, 64), timeout=20.0)

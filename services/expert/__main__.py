@@ -62,11 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
 def start_ucx(port: int, shard: ExpertShard):
     """The UCX listener, or None when UCX is not importable (logged; gRPC still serves)."""
     try:
-        from services.transport.ucx_transport import serve_ucx
+        from services.transport.ucx_server import serve_ucx
     except ImportError as err:
         event(log, "ucx listener disabled: module not importable", level=logging.WARNING, error=str(err))
         return None
-    return serve_ucx(port, shard.compute)
+    return serve_ucx(port, shard.submit)
 
 
 def main(argv: list[str] | None = None) -> int:

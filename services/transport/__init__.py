@@ -1,5 +1,6 @@
 """Dispatch/combine between attention workers and expert shards: one interface (base.py), one
-implementation per wire (grpc_transport.py; ucx_transport.py, imported only when asked for)."""
+implementation per wire (grpc_transport.py; ucx_transport.py and its listener ucx_server.py,
+imported only when asked for)."""
 
 from services.transport.base import (
     ExpertBatch,

@@ -1,21 +1,19 @@
-"""Expert dispatch over UCX (UCXX): one endpoint per (worker, replica), frames of ucx_framing.py.
+"""Expert dispatch over UCX (UCXX), the worker side: one endpoint per (worker, replica), frames of
+ucx_framing.py; the replica side is ucx_server.py.
 
     transport = UcxTransport("fp8")                   # RuntimeError (UcxUnavailable) without ucxx
     client = transport.connect(replica)               # replica.endpoints["ucx"] = "host:port"
     out = client.submit(batch, timeout=5.0).result()  # ReplicaUnavailable on endpoint error/timeout
-
-    server = serve_ucx(50054, shard.compute)          # beside the shard's gRPC server
-    server.close()
 
 Threads: one progress thread per process (`UcxRuntime`, ucx_runtime.py: how it progresses, sleeps
 and wakes, UCXPY_PROGRESS_MODE) serves every client and listener of the process. `submit` does its
 work on the caller's thread: it encodes (dtype conversion / FP8 quantisation in parallel with other
 callers), then, under the runtime's `ucx` lock, posts the receive for the reply's tail and the
 frame's sends; a small send completes inside that call, so the progress thread is not woken for
-it. The progress thread receives the reply head and completes the caller's future itself. The
-listener receives on the progress thread and runs each request's `compute` in a thread pool, whose
-thread also posts the reply; requests from many workers reach the shard concurrently and its
-compute thread merges them per layer.
+it. The caller waiting on the future (`result()`) receives the reply itself: it drives progress
+while it waits (UcxRuntime.wait), so the reply wakes only that thread; callers waiting while
+another one drives get their futures completed by it, and the progress thread handles what
+arrives while nobody waits.
 
 Failure: every request has a timer on the progress thread; an endpoint error (peer killed,
 connection reset), a receive error or the timer fails the future with ReplicaUnavailable. An
@@ -41,15 +39,13 @@ import secrets
 import threading
 import time
 import weakref
-from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
-import grpc
 import numpy as np
 import torch
 
-from services.common.errors import InvalidArgument, status_for
+from services.common.errors import InvalidArgument
 from services.common.logging import event, get_logger
 from services.transport import fp8, ucx_framing as wire
 from services.transport.base import (
@@ -63,18 +59,20 @@ from services.transport.base import (
     Transport,
     check_dispatch_dtype,
 )
-from services.transport.ucx_runtime import (
+from services.transport.ucx_runtime import (  # noqa: F401 - UcxUnavailable, ucx_available re-exported
     CLOSE_TIMEOUT_S,
     UcxRuntime,
-    UcxUnavailable,  # noqa: F401 - re-exported: what UcxTransport() and serve_ucx raise without ucxx
-    ignore,
+    UcxUnavailable,
     ucx_available,
 )
 
 log = get_logger("transport.ucx")
 
 NAME = "ucx"
-COMPUTE_THREADS = 32          # concurrent compute calls the listener keeps in flight
+_DISPATCHED = DISPATCH_BYTES.labels(NAME, "dispatch")
+_COMBINED = DISPATCH_BYTES.labels(NAME, "combine")
+_WAIT = DISPATCH_WAIT.labels(NAME)
+
 
 def _settle(future: concurrent.futures.Future, result=None, error: Exception | None = None) -> None:
     """Complete `future` unless it already is (a timer and a reply may race to it)."""
@@ -87,30 +85,36 @@ def _settle(future: concurrent.futures.Future, result=None, error: Exception | N
         pass
 
 
-@dataclass
 class _Pending:
-    future: concurrent.futures.Future
-    started: float                      # time.monotonic() at submit
-    out_dtype: torch.dtype              # what the caller gets back
-    device: torch.device                # where the output tensor is received
-    shape: tuple[int, int]              # of the reply's output, [T, H] in the reply dtype
-    tail: torch.Tensor | None = None    # the output, when it travels as a tail: received in place
-    tail_request: Any = None            # its posted receive
-    settled: bool = False               # outcome decided (the future may be completed a moment later)
+    """One submitted batch until its reply (or failure); a plain class with slots: one per call."""
+
+    __slots__ = ("future", "started", "out_dtype", "device", "shape", "tail", "tail_request", "settled",
+                 "__weakref__")
+
+    def __init__(self, future: concurrent.futures.Future, started: float, out_dtype: torch.dtype,
+                 device: torch.device, shape: tuple[int, int]) -> None:
+        self.future = future
+        self.started = started          # time.monotonic() at submit
+        self.out_dtype = out_dtype      # what the caller gets back
+        self.device = device            # where the output tensor is received
+        self.shape = shape              # of the reply's output, [T, H] in the reply dtype
+        self.tail: torch.Tensor | None = None   # the output, when it travels as a tail: received in place
+        self.tail_request: Any = None           # its posted receive
+        self.settled = False            # outcome decided (the future may be completed a moment later)
 
 
 def _fail(runtime: UcxRuntime, pending: _Pending, err: Exception, reason: str) -> None:
     if pending.settled:
         return
     pending.settled = True
-    DISPATCH_WAIT.labels(NAME).observe(time.monotonic() - pending.started)
+    _WAIT.observe(time.monotonic() - pending.started)
     DISPATCH_FAILURES.labels(NAME, reason).inc()
     runtime.wake_later(partial(_settle, pending.future, error=err))
 
 
 class _Connection:
     """One UCX endpoint to a replica and the replies it waits for. A caller thread opens it and
-    posts on it; its receive side, timers and failure run on the progress thread."""
+    posts on it; its receive side, timers and failure run where progress runs."""
 
     def __init__(self, client: "UcxExpertClient") -> None:
         self.client = client
@@ -154,7 +158,7 @@ class _Connection:
             pending.tail = pending.tail_request = None   # cancels that receive, under `ucx`
             raise
 
-    # ---- on the progress thread -------------------------------------------------------------
+    # ---- where progress runs (the progress thread or a driving caller) ----------------------
     def _hello_sent(self, request) -> None:
         try:
             request.check_error()
@@ -268,7 +272,7 @@ class UcxExpertClient(ExpertClient):
             return connection
 
     def submit(self, batch: ExpertBatch, timeout: float) -> concurrent.futures.Future:
-        future: concurrent.futures.Future = concurrent.futures.Future()
+        future = self.runtime.future()
         hidden = batch.hidden
         out_dtype = hidden.dtype if hidden.dtype in (torch.float32, torch.bfloat16) else torch.float32
         pending = _Pending(future, time.monotonic(), out_dtype, hidden.device, tuple(hidden.shape))
@@ -283,7 +287,7 @@ class UcxExpertClient(ExpertClient):
         except ValueError as err:
             _fail(self.runtime, pending, InvalidArgument(f"expert batch: {err}"), "invalid")
             return future
-        DISPATCH_BYTES.labels(NAME, "dispatch").inc(frame.nbytes)
+        _DISPATCHED.inc(frame.nbytes)
         connection = None
         try:
             with self.runtime.ucx:
@@ -298,7 +302,7 @@ class UcxExpertClient(ExpertClient):
                 self.runtime.call(partial(connection.fail, reason))
         return future
 
-    # ---- on the progress thread -------------------------------------------------------------
+    # ---- where progress runs (the progress thread or a driving caller) ----------------------
     def reject(self, pending: _Pending, header: wire.Header, head: np.ndarray) -> None:
         message = wire.error_text(head, header)
         if header.status == wire.STATUS_INVALID:
@@ -307,12 +311,12 @@ class UcxExpertClient(ExpertClient):
             _fail(self.runtime, pending, ReplicaUnavailable(self.replica_id, message), "replica")
 
     def resolve(self, pending: _Pending, output: torch.Tensor) -> None:
-        DISPATCH_BYTES.labels(NAME, "combine").inc(wire.HEADER.size + output.nbytes)
+        _COMBINED.inc(wire.HEADER.size + output.nbytes)
         if pending.settled:   # timed out already: the late reply is dropped
             return
         pending.settled = True
         output = output.to(device=pending.device, dtype=pending.out_dtype)
-        DISPATCH_WAIT.labels(NAME).observe(time.monotonic() - pending.started)
+        _WAIT.observe(time.monotonic() - pending.started)
         self.runtime.wake_later(partial(_settle, pending.future, output))
 
     def close(self) -> None:
@@ -339,165 +343,3 @@ class UcxTransport(Transport):
             raise ReplicaUnavailable(replica.id, "registry record has no ucx endpoint (expert started "
                                                  "without --ucx-port?)")
         return UcxExpertClient(replica.id, address, self.dispatch_dtype, self.runtime, self.connect_timeout)
-
-
-# ---- shard side ---------------------------------------------------------------------------------
-Compute = Callable[[ExpertBatch], torch.Tensor]
-
-
-class _Peer:
-    """One worker's endpoint at a listener: requests are received on the progress thread, replies
-    posted by the compute thread that made them."""
-
-    def __init__(self, server: "UcxServer", endpoint) -> None:
-        self.server = server
-        self.runtime = runtime = server.runtime
-        self.endpoint = endpoint
-        self.link = 0
-        endpoint.set_close_callback(runtime.call, (partial(self.drop, "endpoint closed or failed"),))
-        hello = np.zeros(1, dtype="<u8")
-        runtime.watch(endpoint.stream_recv(runtime.Array(hello)), partial(self._on_hello, hello), keep=hello)
-
-    # ---- on the progress thread -------------------------------------------------------------
-    def _on_hello(self, hello: np.ndarray, request) -> None:
-        try:
-            request.check_error()
-            self.link = int(hello[0])
-            self._post_head()
-        except Exception as err:  # noqa: BLE001
-            self.drop(f"{type(err).__name__}: {err}")
-
-    def _post_head(self) -> None:
-        head = np.empty(wire.HEAD_CAPACITY, dtype=np.uint8)
-        request = self.runtime.receive(self.endpoint, head, wire.tag(self.link, wire.KIND_REQUEST, 0, 0),
-                                       wire.HEAD_MASK)
-        self.runtime.watch(request, partial(self._on_head, head), keep=head)
-
-    def _on_head(self, head: np.ndarray, request) -> None:
-        if self.endpoint is None:
-            return
-        try:
-            request.check_error()
-            header = wire.parse_header(head, wire.KIND_REQUEST)
-            self._post_head()
-            tensors, sections = wire.split_inline(head, header, wire.request_sections(header))
-            receives = []
-            for part, section in enumerate(sections, start=1):
-                tensor = torch.empty(section.shape, dtype=section.dtype, device=self.server.device)
-                receives.append(self.runtime.receive(self.endpoint, wire.byte_view(tensor),
-                                                     wire.tag(self.link, wire.KIND_REQUEST, part, header.sequence)))
-                tensors.append(tensor)
-        except wire.FrameError as err:
-            event(log, "ucx peer sent a bad frame; dropping its endpoint", level=logging.WARNING, error=str(err))
-            self.drop(str(err))
-            return
-        except Exception as err:  # noqa: BLE001 - the worker went away (closed, killed, reset)
-            self.drop(f"{type(err).__name__}: {err}")
-            return
-        self._when_received(header, tensors, receives)
-
-    def _when_received(self, header: wire.Header, tensors: list[torch.Tensor], receives: list,
-                       _completed=None) -> None:
-        """Start the compute once every tail of the request is in `tensors`."""
-        if self.endpoint is None:
-            return
-        while receives and receives[0].completed:
-            try:
-                receives.pop(0).check_error()
-            except Exception as err:  # noqa: BLE001
-                self.drop(f"{type(err).__name__}: {err}")
-                return
-        if receives:
-            self.runtime.watch(receives[0], partial(self._when_received, header, tensors, receives), keep=tensors)
-            return
-        self.runtime.wake_later(partial(self._start_compute, header, tensors))
-
-    def _start_compute(self, header: wire.Header, tensors: list[torch.Tensor]) -> None:
-        try:
-            self.server.pool.submit(self._answer, header, tensors)
-        except RuntimeError:  # the pool is shut down: the listener is closing
-            pass
-
-    def drop(self, reason: str) -> None:
-        endpoint, self.endpoint = self.endpoint, None
-        if endpoint is None:
-            return
-        event(log, "ucx peer disconnected", level=logging.DEBUG, reason=reason)
-        self.server.peers.discard(self)
-        self.runtime.close_endpoint(endpoint)
-
-    # ---- on a compute thread ----------------------------------------------------------------
-    def _answer(self, header: wire.Header, tensors: list[torch.Tensor]) -> None:
-        frame = self.server.reply_frame(header, tensors)
-        with self.runtime.ucx:   # drop() runs under it too: the endpoint stays open meanwhile
-            if self.endpoint is None:
-                return
-            try:
-                self.runtime.send_frame(self.endpoint, self.link, wire.KIND_REPLY, header.sequence, frame, ignore)
-            except Exception:  # noqa: BLE001 - the receive side sees the same endpoint error and drops it
-                return
-
-
-class UcxServer:
-    """A UCX listener that answers request frames with `compute(batch)`; see serve_ucx."""
-
-    def __init__(self, port: int, compute: Compute, device: str | torch.device = "cpu") -> None:
-        self.runtime = UcxRuntime.get()
-        self.compute = compute
-        self.device = torch.device(device)
-        self.pool = concurrent.futures.ThreadPoolExecutor(COMPUTE_THREADS, thread_name_prefix="ucx-compute")
-        self.peers: set[_Peer] = set()
-        self.closed = False
-        self.listener = self.runtime.run(
-            lambda: self.runtime.api.UCXListener.create(self.runtime.worker, port, self._on_connect), timeout=30.0)
-        self.port = self.listener.port
-
-    def _on_connect(self, conn_request: int) -> None:
-        # runs inside UCX's progress: accept after it returns
-        self.runtime.call(partial(self._accept, conn_request))
-
-    def _accept(self, conn_request: int) -> None:
-        if self.closed:
-            return
-        endpoint = self.runtime.api.UCXEndpoint.create_from_conn_request(self.listener, conn_request, True)
-        self.peers.add(_Peer(self, endpoint))
-
-    def reply_frame(self, header: wire.Header, tensors: list[torch.Tensor]) -> wire.Frame:
-        """Runs on a compute thread: compute, convert to the reply dtype, frame it (or the error)."""
-        ids, weights, *rest = tensors
-        batch = ExpertBatch(header.layer, rest[-1], ids, weights, rest[0] if len(rest) == 2 else None)
-        try:
-            output = self.compute(batch)
-            return wire.encode_reply(header.sequence, output.to(header.reply_dtype))
-        except Exception as err:  # noqa: BLE001 - reported to the caller, never fatal to the listener
-            mapped = status_for(err)
-            if mapped is None:
-                event(log, "ucx compute failed", level=logging.ERROR, layer=header.layer,
-                      error=f"{type(err).__name__}: {err}", exc_info=True)
-                return wire.encode_error(header.sequence, wire.STATUS_ERROR, f"{type(err).__name__}: {err}")
-            code, message = mapped
-            # bad input fails on any replica; anything else (draining, overloaded) may succeed elsewhere
-            status = wire.STATUS_INVALID if code == grpc.StatusCode.INVALID_ARGUMENT else wire.STATUS_UNAVAILABLE
-            return wire.encode_error(header.sequence, status, message)
-
-    def _close_on_thread(self) -> None:
-        self.closed = True
-        self.listener = None   # UCXX destroys the listener with its last reference
-        for peer in list(self.peers):
-            peer.drop("listener closed")
-
-    def close(self) -> None:
-        """Stop listening and drop every worker's endpoint (their pending calls fail over)."""
-        if self.closed:
-            return
-        self.runtime.run(self._close_on_thread, timeout=CLOSE_TIMEOUT_S)
-        self.pool.shutdown(wait=False, cancel_futures=True)
-
-
-def serve_ucx(port: int, compute: Compute, device: str | torch.device = "cpu") -> UcxServer:
-    """Listen for expert frames on `port` (0: any free port, see .port); tails of incoming
-    frames are received on `device`. Raises UcxUnavailable when ucxx cannot be imported."""
-    server = UcxServer(port, compute, device)
-    ok, version = ucx_available()
-    event(log, "ucx listener started", port=server.port, ucx=version, progress=server.runtime.progress_mode)
-    return server
