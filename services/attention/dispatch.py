@@ -123,20 +123,26 @@ class Dispatcher:
         if plan.version != self._dead_plan_version:  # membership changed: judge replicas afresh
             self._dead.clear()
             self._dead_plan_version = plan.version
-        assignment: dict[str, tuple[PlanReplica, torch.Tensor]] = {}
+        experts = torch.unique(pending.ids[slots]).tolist()
+        replicas: dict[str, int] = {}  # replica id -> its index in `chosen`
+        chosen: list[PlanReplica] = []
+        owner_of_expert = torch.full((int(pending.ids.max()) + 1,), -1, dtype=torch.long)  # expert -> index in `chosen`
         missing = []
-        for expert in torch.unique(pending.ids[slots]).tolist():
+        for expert in experts:
             replica = self._choose(plan, pending.layer, expert)
             if replica is None:
                 missing.append((pending.layer, expert))
                 continue
-            mask = slots & (pending.ids == expert)
-            if replica.id in assignment:
-                mask = mask | assignment[replica.id][1]
-            assignment[replica.id] = (replica, mask)
+            if replica.id not in replicas:
+                replicas[replica.id] = len(chosen)
+                chosen.append(replica)
+            owner_of_expert[expert] = replicas[replica.id]
         if missing:
             raise Unavailable(f"no live replica serves {format_pairs(missing)}")
-        for replica, mask in assignment.values():
+        # one table lookup for all slots instead of a mask per expert (a few ops per replica)
+        owner = torch.where(slots, owner_of_expert.to(pending.ids.device)[pending.ids], -1)  # [T, K]
+        for index, replica in enumerate(chosen):
+            mask = owner == index
             rows = mask.any(dim=1).nonzero().squeeze(1)
             part_slots = mask[rows]
             batch = ExpertBatch(
