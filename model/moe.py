@@ -195,7 +195,7 @@ class ExpertBank(nn.Module):
         tokens = order // K  # [N] token of each held (token, k) pair, grouped by expert
         xs = x[tokens]  # [N, D]
         touched = sum(1 for n in held if n)
-        if x.dtype == torch.float32 and 2 * touched >= len(held):
+        if x.dtype == torch.float32 and 2 * touched >= len(held) and torch.get_num_threads() > 1:
             width = math.ceil(1.5 * len(order) / touched)  # rows per expert in the batched GEMMs
             ys = self._experts_padded(xs, slots[order], counts[1:], held, width)
         else:
@@ -221,7 +221,8 @@ class ExpertBank(nn.Module):
         """As `_experts_one_by_one`, with the first `width` rows of every held expert (zero-padded)
         in two batched GEMMs over all held experts, and the few rows past `width` of the busiest
         experts one expert at a time. When most experts received rows, streaming every weight in
-        one call beats a GEMM pair per expert (fp32 on 2 AMD cores: ~15-30 GB/s against ~8);
+        one call beats a GEMM pair per expert (fp32 on 2 AMD cores: ~15-30 GB/s against ~8; on
+        one thread the padding costs more than it saves, so the caller keeps the loop there);
         padding all to the busiest expert's rows would cost more than it saves. row_slots: [N]
         slot of each row; counts / counts_list: [E] rows per slot."""
         E, D = self.w13.shape[0], xs.shape[1]
