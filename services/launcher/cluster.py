@@ -181,12 +181,17 @@ class LocalCluster:
     def redis_url_for(port: int) -> str:
         return f"redis://{HOST}:{port}/0"
 
+    @property
+    def torch_threads(self) -> int:
+        """Torch threads per model process unless OMP_NUM_THREADS says otherwise: the cores shared
+        among the shard replicas and attention workers."""
+        return max(1, (os.cpu_count() or 1) // (self.shards * self.replicas + self.attention_workers))
+
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update({"PYTHONUNBUFFERED": "1", "MOE_CLUSTER": self.cluster, "TOKENIZERS_PARALLELISM": "false"})
-        if "OMP_NUM_THREADS" not in env:  # share the cores among the torch processes
-            torch_procs = self.shards * self.replicas + self.attention_workers
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // torch_procs))
+        if "OMP_NUM_THREADS" not in env:
+            env["OMP_NUM_THREADS"] = str(self.torch_threads)
         pythonpath = [str(REPO_ROOT), str(REPO_ROOT / "protos")]
         if env.get("PYTHONPATH"):
             pythonpath.append(env["PYTHONPATH"])
