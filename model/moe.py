@@ -221,10 +221,10 @@ class ExpertBank(nn.Module):
         """As `_experts_one_by_one`, with the first `width` rows of every held expert (zero-padded)
         in two batched GEMMs over all held experts, and the few rows past `width` of the busiest
         experts one expert at a time. When most experts received rows, streaming every weight in
-        one call beats a GEMM pair per expert (fp32 on 2 AMD cores: ~15-30 GB/s against ~8; on
-        one thread the padding costs more than it saves, so the caller keeps the loop there);
-        padding all to the busiest expert's rows would cost more than it saves. row_slots: [N]
-        slot of each row; counts / counts_list: [E] rows per slot."""
+        one call beats a GEMM pair per expert (fp32 on 2 AMD cores: ~15-30 GB/s against ~8; on one
+        thread the loop wins, so the caller keeps it there), while padding every expert to the
+        busiest one's rows would waste more than it gains. row_slots: [N] slot of each row;
+        counts / counts_list: [E] rows per slot."""
         E, D = self.w13.shape[0], xs.shape[1]
         rank = torch.arange(xs.shape[0], device=xs.device) - (counts.cumsum(0) - counts)[row_slots]  # [N] row within its expert
         batched = rank < width
