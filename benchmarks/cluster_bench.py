@@ -71,6 +71,7 @@ SPLIT = {
     "attention": 'moe_attention_step_seconds_sum{phase="local_compute"}',
     "dispatch wait": 'moe_attention_step_seconds_sum{phase="dispatch_wait"}',
     "steps": 'moe_attention_step_seconds_count{phase="total"}',
+    "step": 'moe_attention_step_seconds_sum{phase="total"}',
 }
 EXPERT = "moe_expert_compute_seconds_sum"
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from checkpoints import make_checkpoint  # noqa: E402
-from cluster_bench import EXPERT, SPLIT, prompts, scrape  # noqa: E402
+from cluster_bench import EXPERT, SPLIT, prompts, split_snapshot  # noqa: E402
 from decode_bench import BENCH_CONFIG  # noqa: E402
 from model.generate import GenerationRequest  # noqa: E402
 from services.attention.worker import AttentionWorker, PlanWatcher  # noqa: E402
@@ -37,9 +37,6 @@ from services.client import Client  # noqa: E402
 from services.common.redis_store import Keys  # noqa: E402
 from services.launcher.cluster import LocalCluster  # noqa: E402
 from services.transport.grpc_transport import GrpcTransport  # noqa: E402
-
-TOTAL = 'moe_attention_step_seconds_sum{phase="total"}'
-
 
 def served(cluster: LocalCluster, batch: int, seconds: float) -> dict[str, float]:
     client = Client(cluster.gateway_endpoint, timeout=600)
@@ -56,20 +53,13 @@ def served(cluster: LocalCluster, batch: int, seconds: float) -> dict[str, float
     threads = [threading.Thread(target=keep_generating, args=(p,), daemon=True) for p in prompts(batch)]
     for t in threads:
         t.start()
-    (worker,) = cluster.names("attention")
-
-    def snapshot() -> dict[str, float]:
-        snap = scrape(cluster.processes[worker].metrics_port, (*SPLIT.values(), TOTAL))
-        snap[EXPERT] = sum(scrape(cluster.processes[n].metrics_port, (EXPERT,))[EXPERT] for n in cluster.names("expert"))
-        return snap
-
     time.sleep(seconds / 2)  # every request admitted and decoding
-    before = snapshot()
+    before = split_snapshot(cluster)
     time.sleep(seconds)
-    delta = {k: v - before[k] for k, v in snapshot().items()}
+    delta = {k: v - before[k] for k, v in split_snapshot(cluster).items()}
     stop.set()
     steps = max(delta[SPLIT["steps"]], 1.0)
-    return {"step": delta[TOTAL] / steps, "own compute": delta[SPLIT["attention"]] / steps,
+    return {"step": delta[SPLIT["step"]] / steps, "own compute": delta[SPLIT["attention"]] / steps,
             "dispatch wait": delta[SPLIT["dispatch wait"]] / steps, "expert compute": delta[EXPERT] / steps}
 
 
