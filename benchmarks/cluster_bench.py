@@ -115,7 +115,8 @@ def main() -> int:
         ) as cluster:
             client = Client(cluster.gateway_endpoint, timeout=600)
             print(f"model: {sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M parameters, fp32; prompt {PROMPT_LEN}; "
-                  f"cluster: {args.attention_workers} attention worker(s), 2 expert shards, {args.transport} dispatch in {args.dispatch_dtype}")
+                  f"cluster: {args.attention_workers} attention worker(s), 2 expert shards, "
+                  f"{args.transport} dispatch in {args.dispatch_dtype}; {cluster.torch_threads} torch thread(s) per process")
             header = (f"{'batch':>5} {'cluster tok/s':>14} {'in-process tok/s':>17} {'transformers tok/s':>19} "
                       f"{'cluster/in-process':>19} {'cluster/transformers':>21}")
             print(header)

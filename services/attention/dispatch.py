@@ -123,33 +123,38 @@ class Dispatcher:
         if plan.version != self._dead_plan_version:  # membership changed: judge replicas afresh
             self._dead.clear()
             self._dead_plan_version = plan.version
-        experts = torch.unique(pending.ids[slots]).tolist()
-        replicas: dict[str, int] = {}  # replica id -> its index in `chosen`
+        # The routing tables are tiny ([T, K] with K <= 8): Python lists beat a few dozen
+        # small tensor ops per replica here, and leave two gathers per replica on tensors.
+        ids, selected = pending.ids.tolist(), slots.tolist()
+        owner: dict[int, int] = {}  # expert -> index in `chosen`
         chosen: list[PlanReplica] = []
-        owner_of_expert = torch.full((int(pending.ids.max()) + 1,), -1, dtype=torch.long)  # expert -> index in `chosen`
         missing = []
-        for expert in experts:
+        for expert in sorted({e for row, sel in zip(ids, selected) for e, s in zip(row, sel) if s}):
             replica = self._choose(plan, pending.layer, expert)
             if replica is None:
                 missing.append((pending.layer, expert))
                 continue
-            if replica.id not in replicas:
-                replicas[replica.id] = len(chosen)
+            index = next((i for i, r in enumerate(chosen) if r.id == replica.id), len(chosen))
+            if index == len(chosen):
                 chosen.append(replica)
-            owner_of_expert[expert] = replicas[replica.id]
+            owner[expert] = index
         if missing:
             raise Unavailable(f"no live replica serves {format_pairs(missing)}")
-        # one table lookup for all slots instead of a mask per expert (a few ops per replica)
-        owner = torch.where(slots, owner_of_expert.to(pending.ids.device)[pending.ids], -1)  # [T, K]
-        for index, replica in enumerate(chosen):
-            mask = owner == index
-            rows = mask.any(dim=1).nonzero().squeeze(1)
-            part_slots = mask[rows]
+        rows_of: list[list[int]] = [[] for _ in chosen]
+        slots_of: list[list[list[bool]]] = [[] for _ in chosen]
+        for t, (row, sel) in enumerate(zip(ids, selected)):
+            for index in {owner[e] for e, s in zip(row, sel) if s}:
+                rows_of[index].append(t)
+                slots_of[index].append([s and owner[e] == index for e, s in zip(row, sel)])
+        device = pending.ids.device
+        for replica, rows_list, slots_list in zip(chosen, rows_of, slots_of):
+            rows = torch.tensor(rows_list, device=device)
+            part_slots = torch.tensor(slots_list, device=device)  # [n, K]
             batch = ExpertBatch(
                 layer=pending.layer,
-                hidden=pending.x[rows],
-                expert_ids=torch.where(part_slots, pending.ids[rows], -1).to(torch.int32),
-                weights=torch.where(part_slots, pending.weights[rows], 0.0).float(),
+                hidden=pending.x.index_select(0, rows),
+                expert_ids=torch.where(part_slots, pending.ids.index_select(0, rows), -1).to(torch.int32),
+                weights=torch.where(part_slots, pending.weights.index_select(0, rows), 0.0).float(),
             )
             crossing = "cross_plane" if replica.plane != self.plans.plane else "same_plane"
             PLANE_BYTES.labels(crossing).inc(batch.hidden.numel() * WIRE_BYTES[self.transport.dispatch_dtype])

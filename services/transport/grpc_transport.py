@@ -236,7 +236,8 @@ class GrpcExpertClient(ExpertClient):
                     return future
                 self._streams_opened += 1
             heapq.heappush(self._deadlines, _Deadline(started + timeout, sequence, stream))
-            self._deadline_cv.notify()
+            if self._deadlines[0].sequence == sequence:  # the timer sleeps until the earliest deadline
+                self._deadline_cv.notify()
         if not stream.add(sequence, pending, request):
             _fail(pending, ReplicaUnavailable(self.replica_id, stream.broken or "stream broken"), "stream")
         return future
