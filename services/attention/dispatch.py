@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -69,6 +70,42 @@ class PlanHolder:
             return self._plan
 
 
+class LayerRoutes:
+    """One layer's expert -> replica tables, for one plan and one set of failed replicas.
+
+    `owners(turn)` is a [n_experts] tensor of indices into `replicas` (MISSING where no replica
+    is listed). Experts with several equally good replicas (live, on the best plane) rotate over
+    them from one dispatch to the next, so redundant replicas share the load.
+    """
+
+    MISSING = -2
+
+    def __init__(self, plan: Plan, layer: int, dead: dict[str, float]):
+        self.replicas: list[PlanReplica] = []
+        position: dict[str, int] = {}
+        choices: list[list[int]] = []
+        for expert in range(plan.n_routed_experts):
+            listed = plan.replicas_for(layer, expert)
+            candidates = [r for r in listed if r.id not in dead]
+            if listed and not candidates:  # all failed recently: the one that failed longest ago may be back
+                candidates = [min(listed, key=lambda r: dead[r.id])]
+            best = [r for r in candidates if r.plane == candidates[0].plane]
+            for replica in best:
+                if replica.id not in position:
+                    position[replica.id] = len(self.replicas)
+                    self.replicas.append(replica)
+            choices.append([position[r.id] for r in best])
+        self.missing = [e for e, c in enumerate(choices) if not c]
+        period = math.lcm(*(len(c) for c in choices if c)) if len(choices) > len(self.missing) else 1
+        self._tables = [
+            torch.tensor([c[(turn + e) % len(c)] if c else self.MISSING for e, c in enumerate(choices)])
+            for turn in range(period)
+        ]
+
+    def owners(self, turn: int) -> torch.Tensor:
+        return self._tables[turn % len(self._tables)]
+
+
 class Dispatcher:
     def __init__(self, transport: Transport, plans: PlanHolder, timeout_s: float = 10.0, attempts: int = 3):
         self.transport = transport
@@ -78,15 +115,13 @@ class Dispatcher:
         self._clients: dict[str, object] = {}
         self._dead: dict[str, float] = {}  # replica id -> monotonic time it failed
         self._dead_plan_version = 0  # the plan version those failures were seen under
+        self._routes: dict[int, LayerRoutes] = {}  # layer -> tables for `_routes_key`
+        self._routes_key: tuple = ()
         self._turn = itertools.count()
         self._lock = threading.Lock()
         self.wait_seconds = 0.0  # accumulated combine wait, read by the scheduler for step splits
 
     # ---- replica choice --------------------------------------------------------------------
-    def _alive(self, replica: PlanReplica) -> bool:
-        failed = self._dead.get(replica.id)
-        return failed is None or time.monotonic() - failed > DEAD_REPLICA_S
-
     def mark_dead(self, replica: PlanReplica, reason: str) -> None:
         with self._lock:
             self._dead[replica.id] = time.monotonic()
@@ -102,59 +137,49 @@ class Dispatcher:
                 client = self._clients[replica.id] = self.transport.connect(replica)
             return client
 
-    def _choose(self, plan: Plan, layer: int, expert: int) -> PlanReplica | None:
-        """A replica for (layer, expert): live ones first, spread over the best plane's; when
-        every listed replica failed recently, the one that failed longest ago (it may be back)."""
-        listed = plan.replicas_for(layer, expert)
-        if not listed:
-            return None
-        candidates = [r for r in listed if self._alive(r)]
-        if not candidates:
-            return min(listed, key=lambda r: self._dead.get(r.id, 0.0))
-        best_plane = [r for r in candidates if r.plane == candidates[0].plane]
-        return best_plane[next(self._turn) % len(best_plane)]  # spread over redundant replicas
-
-    # ---- dispatch / combine ----------------------------------------------------------------
-    def _send(self, pending: Pending, slots: torch.Tensor) -> None:
-        """Split the selected (row, k) slots [T, K] by replica and submit one batch to each."""
-        plan = self.plans.get()
-        if plan is None:
-            raise Unavailable("no routing plan yet: is the router running?")
+    def _layer_routes(self, plan: Plan, layer: int) -> LayerRoutes:
+        """The tables for this plan and the replicas that failed within DEAD_REPLICA_S, built
+        again only when either changes."""
         if plan.version != self._dead_plan_version:  # membership changed: judge replicas afresh
             self._dead.clear()
             self._dead_plan_version = plan.version
-        # The routing tables are tiny ([T, K] with K <= 8): Python lists beat a few dozen
-        # small tensor ops per replica here, and leave two gathers per replica on tensors.
-        ids, selected = pending.ids.tolist(), slots.tolist()
-        owner: dict[int, int] = {}  # expert -> index in `chosen`
-        chosen: list[PlanReplica] = []
-        missing = []
-        for expert in sorted({e for row, sel in zip(ids, selected) for e, s in zip(row, sel) if s}):
-            replica = self._choose(plan, pending.layer, expert)
-            if replica is None:
-                missing.append((pending.layer, expert))
-                continue
-            index = next((i for i, r in enumerate(chosen) if r.id == replica.id), len(chosen))
-            if index == len(chosen):
-                chosen.append(replica)
-            owner[expert] = index
-        if missing:
-            raise Unavailable(f"no live replica serves {format_pairs(missing)}")
-        rows_of: list[list[int]] = [[] for _ in chosen]
-        slots_of: list[list[list[bool]]] = [[] for _ in chosen]
-        for t, (row, sel) in enumerate(zip(ids, selected)):
-            for index in {owner[e] for e, s in zip(row, sel) if s}:
-                rows_of[index].append(t)
-                slots_of[index].append([s and owner[e] == index for e, s in zip(row, sel)])
+        now = time.monotonic()
+        dead = {rid: at for rid, at in self._dead.items() if now - at <= DEAD_REPLICA_S}
+        key = (plan.version, tuple(sorted(dead)))
+        if key != self._routes_key:
+            self._routes, self._routes_key = {}, key
+        routes = self._routes.get(layer)
+        if routes is None:
+            routes = self._routes[layer] = LayerRoutes(plan, layer, dead)
+        return routes
+
+    # ---- dispatch / combine ----------------------------------------------------------------
+    def _send(self, pending: Pending, slots: torch.Tensor | None) -> None:
+        """Split the (row, k) slots [T, K] (None: all of them) by replica and submit one batch
+        to each."""
+        plan = self.plans.get()
+        if plan is None:
+            raise Unavailable("no routing plan yet: is the router running?")
+        routes = self._layer_routes(plan, pending.layer)
         device = pending.ids.device
-        for replica, rows_list, slots_list in zip(chosen, rows_of, slots_of):
-            rows = torch.tensor(rows_list, device=device)
-            part_slots = torch.tensor(slots_list, device=device)  # [n, K]
+        owner = routes.owners(next(self._turn)).to(device)[pending.ids]  # [T, K] index into routes.replicas
+        if slots is not None:
+            owner = owner.masked_fill(~slots, -1)
+        if routes.missing and bool((owner == LayerRoutes.MISSING).any()):
+            experts = pending.ids[owner == LayerRoutes.MISSING].unique().tolist()
+            raise Unavailable(f"no live replica serves {format_pairs([(pending.layer, e) for e in experts])}")
+        for index in owner.unique().tolist():
+            if index < 0:
+                continue
+            replica = routes.replicas[index]
+            mask = owner == index
+            rows = mask.any(dim=1).nonzero().squeeze(1)
+            part_slots = mask.index_select(0, rows)  # [n, K]
             batch = ExpertBatch(
                 layer=pending.layer,
                 hidden=pending.x.index_select(0, rows),
-                expert_ids=torch.where(part_slots, pending.ids.index_select(0, rows), -1).to(torch.int32),
-                weights=torch.where(part_slots, pending.weights.index_select(0, rows), 0.0).float(),
+                expert_ids=pending.ids.index_select(0, rows).masked_fill(~part_slots, -1).to(torch.int32),
+                weights=pending.weights.index_select(0, rows).masked_fill(~part_slots, 0.0).float(),
             )
             crossing = "cross_plane" if replica.plane != self.plans.plane else "same_plane"
             PLANE_BYTES.labels(crossing).inc(batch.hidden.numel() * WIRE_BYTES[self.transport.dispatch_dtype])
@@ -166,7 +191,7 @@ class Dispatcher:
 
     def dispatch(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Pending:
         pending = Pending(layer, x, ids, weights)
-        self._send(pending, torch.ones_like(ids, dtype=torch.bool))
+        self._send(pending, None)
         return pending
 
     def combine(self, pending: Pending) -> torch.Tensor:
