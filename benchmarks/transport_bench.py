@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/transport_bench.py            # everything (a few minutes)
     .venv/bin/python benchmarks/transport_bench.py --quick    # fewer iterations and UCX variants
+    .venv/bin/python benchmarks/transport_bench.py --quick --sizes 4,16,64   # only these sizes (KiB)
 
 For message sizes 4 KiB .. 16 MiB, between two processes on this machine:
   one-way bandwidth  k messages streamed, one ack at the end        (GB/s)
@@ -332,11 +333,12 @@ def _stop(process: subprocess.Popen) -> None:
     process.wait(10)
 
 
-def _measure(server_role: str, client_role: str, env: dict, quick: bool) -> dict:
+def _measure(server_role: str, client_role: str, env: dict, quick: bool, sizes: list[int]) -> dict:
     server, port = _start_server(server_role, env)
     try:
         done = subprocess.run([sys.executable, __file__, "--role", client_role, "--port", str(port)]
-                              + (["--quick"] if quick else []), env={**LAUNCH_ENV, **env},
+                              + ["--sizes", _sizes_arg(sizes)] + (["--quick"] if quick else []),
+                              env={**LAUNCH_ENV, **env},
                               capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             raise RuntimeError(f"{client_role} failed: {done.stderr[-2000:]}")
@@ -346,16 +348,20 @@ def _measure(server_role: str, client_role: str, env: dict, quick: bool) -> dict
         _stop(server)
 
 
+def _sizes_arg(sizes: list[int]) -> str:
+    return ",".join(str(size >> 10) for size in sizes)
+
+
 def _kib(size: int) -> str:
     return f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
 
 
-def print_table(results: dict[str, dict], reference: str, peer: str) -> None:
+def print_table(results: dict[str, dict], reference: str, peer: str, sizes: list[int]) -> None:
     names = list(results)
     print(f"\n{'size':>8} | " + " | ".join(f"{n[:22]:>22}" for n in names))
     for what, index, unit in (("one-way GB/s", 0, 1e-9), ("round trip us", 1, 1e6)):
         print(f"-- {what}")
-        for size in SIZES:
+        for size in sizes:
             cells = [results[n].get(size, (float("nan"),) * 2)[index] * unit for n in names]
             print(f"{_kib(size):>8} | " + " | ".join(f"{c:>22.3f}" for c in cells))
     idle = {f"{n}{' (client)' if 'idle_cpu_server' in r else ''}": r["idle_cpu"]
@@ -363,7 +369,7 @@ def print_table(results: dict[str, dict], reference: str, peer: str) -> None:
     idle.update({f"{n} (server)": r["idle_cpu_server"] for n, r in results.items() if "idle_cpu_server" in r})
     print("-- CPU-seconds per second while waiting: " + ", ".join(f"{n}: {v:.3f}" for n, v in idle.items()))
     print(f"\n-- {reference} / {peer} (bandwidth ratio, >1 = {reference} faster; latency ratio, <1 = lower)")
-    for size in SIZES:
+    for size in sizes:
         ref, other = results[reference][size], results[peer][size]
         print(f"{_kib(size):>8}   bandwidth x{ref[0] / other[0]:.2f}   round trip x{ref[1] / other[1]:.2f}")
 
@@ -405,7 +411,7 @@ EXPERT_VARIANTS = {   # name -> environment; the first is ours as deployed, the 
 }
 
 
-def orchestrate(quick: bool) -> None:
+def orchestrate(quick: bool, sizes: list[int]) -> None:
     from services.transport.ucx_transport import ucx_available
 
     ok, version = ucx_available()
@@ -416,16 +422,16 @@ def orchestrate(quick: bool) -> None:
     results: dict[str, dict] = {}
     base_env = {"UCX_WARN_UNUSED_ENV_VARS": "n"}
     for name, env in list(EXPERT_VARIANTS.items())[:1 if quick else None]:
-        results[name] = _measure("serve-ucx-expert", "client-ucx-expert", {**base_env, **env}, quick)
+        results[name] = _measure("serve-ucx-expert", "client-ucx-expert", {**base_env, **env}, quick, sizes)
         print(f"measured {name}", flush=True)
     for name, env in list(UCX_VARIANTS.items())[:2 if quick else None]:
         role = "serve-ucx-address" if env.get("BENCH_BY_ADDRESS") else "serve-ucx"
-        results[name] = _measure(role, "client-ucx", {**base_env, **env}, quick)
+        results[name] = _measure(role, "client-ucx", {**base_env, **env}, quick, sizes)
         print(f"measured {name}", flush=True)
-    results["grpc bidi stream"] = _measure("serve-grpc", "client-grpc", {}, quick)
-    results["torch copy_ (ceiling)"] = memcpy_rows(SIZES, quick)
+    results["grpc bidi stream"] = _measure("serve-grpc", "client-grpc", {}, quick, sizes)
+    results["torch copy_ (ceiling)"] = memcpy_rows(sizes, quick)
     print("note: the expert rows' bandwidth counts both directions (echo); round trip = submit -> result")
-    print_table(results, OURS, "grpc bidi stream")
+    print_table(results, OURS, "grpc bidi stream", sizes)
     print_wire_bytes()
 
 
@@ -434,14 +440,16 @@ def main() -> None:
     parser.add_argument("--role", default="orchestrate")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sizes", default=_sizes_arg(SIZES), help="message sizes in KiB, comma-separated")
     args = parser.parse_args()
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     # one intra-op thread everywhere: on a small shared box, OpenMP workers spin-waiting for a
     # descheduled sibling turned 64 KiB copies into 20 ms stalls
     torch.set_num_threads(1)
     by_address = os.environ.get("BENCH_BY_ADDRESS") == "1"
+    sizes = [int(kib) << 10 for kib in args.sizes.split(",")]
     if args.role == "orchestrate":
-        orchestrate(args.quick)
+        orchestrate(args.quick, sizes)
     elif args.role in ("serve-ucx", "serve-ucx-address"):
         serve_ucx_raw(args.role == "serve-ucx-address")
     elif args.role == "serve-ucx-expert":
@@ -450,9 +458,9 @@ def main() -> None:
         serve_grpc()
     else:
         clients = {
-            "client-ucx": lambda: asyncio.run(_ucx_client(args.port, SIZES, args.quick, by_address)),
-            "client-ucx-expert": lambda: client_ucx_expert(args.port, SIZES, args.quick),
-            "client-grpc": lambda: client_grpc(args.port, SIZES, args.quick),
+            "client-ucx": lambda: asyncio.run(_ucx_client(args.port, sizes, args.quick, by_address)),
+            "client-ucx-expert": lambda: client_ucx_expert(args.port, sizes, args.quick),
+            "client-grpc": lambda: client_grpc(args.port, sizes, args.quick),
         }
         print(json.dumps(clients[args.role]()))
 

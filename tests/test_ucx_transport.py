@@ -243,16 +243,23 @@ def test_record_without_ucx_endpoint_is_unavailable():
 def test_frame_layout_puts_small_sections_inline_and_large_ones_in_tails():
     small = wire.encode_request(7, 3, torch.zeros(4, 8, dtype=torch.int32), torch.ones(4, 8),
                                 torch.ones(4, 64), None, torch.float32)
-    assert small.tails == [] and small.head.nbytes <= wire.HEAD_CAPACITY
+    assert small.tails == [] and small.head.nbytes <= wire.HEADER.size + wire.INLINE_LIMIT
     q, scales = fp8.quantize_1x128(torch.randn(100, 7168))
     big = wire.encode_request(8, 3, torch.zeros(100, 8, dtype=torch.int32), torch.ones(100, 8), q, scales,
                               torch.bfloat16)
-    assert [t.numel() for t in big.tails] == [100 * 56 * 4, 100 * 7168]
+    assert [t.numel() for t in big.tails] == [100 * 7168]
     assert big.tails[-1].data_ptr() == q.data_ptr()       # the hidden tail is the tensor itself
     header = wire.parse_header(big.head, wire.KIND_REQUEST)
     views, tails = wire.split_inline(big.head, header, wire.request_sections(header))
     assert (header.sequence, header.layer, header.tokens, header.hidden, header.topk) == (8, 3, 100, 7168, 8)
-    assert len(views) == 2 and [s.shape for s in tails] == [(100, 56), (100, 7168)]
+    assert len(views) == 3 and [s.shape for s in tails] == [(100, 7168)]
+    torch.testing.assert_close(views[2], scales)
+    # the requester's receive for a reply holds the reply's head whole, or an error in its place
+    output = torch.randn(4, 64)
+    reply = wire.encode_reply(7, output)
+    assert reply.tails == [] and reply.head.nbytes <= wire.reply_head_size((4, 64), torch.float32)
+    error = wire.encode_error(7, wire.STATUS_ERROR, "x" * 10_000)
+    assert error.head.nbytes <= wire.reply_head_size((4, 64), torch.float32)
     with pytest.raises(wire.FrameError, match="not a moe.v1 UCX reply"):
         wire.parse_header(big.head, wire.KIND_REPLY)
 

@@ -147,6 +147,9 @@ class UcxRuntime:
         self._driver_epoll.register(self._worker_fd, select.EPOLLIN)
         self._driver_epoll.register(self._driver_wakeup, select.EPOLLIN)
         self._incoming: collections.deque = collections.deque()  # from other threads: calls and watches
+        # request heads are probed for (their length varies) and handed to their link's handler
+        self._head_routes: dict[int, Callable[[Any], None]] = {}   # link -> on_head(probe result)
+        self._head_tag, self._head_mask = api.UCXXTag(0), api.UCXXTagMask(wire.HEAD_MASK)
         self._watched: list[tuple[Any, Callable, Any]] = []       # (request, on_complete, keep-alive)
         self._wakers: list[Callable[[], None]] = []                # run just before sleeping
         self._posted = 0                                           # sends and receives posted so far
@@ -231,14 +234,25 @@ class UcxRuntime:
         self.call(run_it)
         return future.result(timeout)
 
-    def watch(self, request, on_complete: Callable[[Any], None], keep: Any = None) -> None:
+    def watch(self, request, on_complete: Callable[[Any], None], keep: Any = None, wake: bool = True) -> None:
         """Call on_complete(request) where progress runs once `request` completes; `keep` (the
-        buffer UCX reads or writes) stays referenced until then. Hold `ucx`."""
+        buffer UCX reads or writes) stays referenced until then. Hold `ucx`. wake=False: leave
+        the progress thread asleep, for a receive whose message is yet to arrive (its arrival
+        wakes whichever thread progresses, and that one takes the watch over)."""
         if self.on_thread():
             self._watched.append((request, on_complete, keep))
         else:
             self._incoming.append((request, on_complete, keep))
-            os.eventfd_write(self._wakeup, 1)
+            if wake or request.completed:
+                os.eventfd_write(self._wakeup, 1)
+
+    def route_heads(self, link: int, on_head: Callable[[Any], None]) -> None:
+        """Hand every request head tagged with `link` to on_head(probe result) where progress
+        runs; on_head receives it with receive_probed. Progress thread."""
+        self._head_routes[link] = on_head
+
+    def unroute_heads(self, link: int) -> None:
+        self._head_routes.pop(link, None)
 
     def wake_later(self, fn: Callable[[], None]) -> None:
         """Run `fn`, which wakes another thread (completes a future, starts a compute), on the
@@ -282,6 +296,12 @@ class UcxRuntime:
         array = buffer if isinstance(buffer, np.ndarray) else _wire_buffer(buffer)
         return endpoint.tag_recv(self.Array(array), self.api.UCXXTag(tag), *args)
 
+    def receive_probed(self, endpoint, buffer: np.ndarray, probed):
+        """Receive the probed message into `buffer` (uint8, probed.length bytes); returns the
+        request. Hold `ucx`."""
+        self._posted += 1
+        return endpoint.tag_recv_with_handle(self.Array(buffer), probed)
+
     def close_endpoint(self, endpoint) -> None:
         """Close `endpoint` (progress thread). One that already failed is only dropped: UCXX
         crashes progressing the close of an endpoint in error."""
@@ -297,11 +317,20 @@ class UcxRuntime:
     def _drive(self, future: concurrent.futures.Future, deadline: float) -> None:
         while True:
             with self.ucx:
-                armed = not self._iterate() and self.worker.arm()
-            if self._run_wakers() or not armed:
-                continue
+                busy = self._iterate()
+            busy = self._run_wakers() or busy
             if future.done():
-                return
+                # the progress thread gets the worker back armed; no second round for it first
+                with self.ucx:
+                    if self.worker.arm():
+                        return
+                continue
+            if busy:
+                continue
+            with self.ucx:
+                armed = self.worker.arm()
+            if not armed:
+                continue
             left = deadline - time.monotonic()
             if left <= 0:
                 return
@@ -333,7 +362,9 @@ class UcxRuntime:
         """One round of progress and handlers (hold `ucx`); True when anything was done."""
         self.worker.progress()
         busy = self._take_incoming()
-        busy = self._complete() or busy
+        busy = self._complete() or busy   # first: a peer's hello names its link before its heads come
+        if self._head_routes:
+            busy = self._take_heads() or busy
         return self._fire_timers() or busy
 
     def _run_wakers(self) -> bool:
@@ -357,6 +388,21 @@ class UcxRuntime:
             else:
                 self._watched.append((request, fn, keep))
         return taken
+
+    def _take_heads(self) -> bool:
+        taken = False
+        while True:
+            probed = self.worker.tag_probe(self._head_tag, self._head_mask, True)
+            if not probed.matched:
+                return taken
+            taken = True
+            on_head = self._head_routes.get(wire.link_of(probed.sender_tag.value))
+            if on_head is not None:
+                _guarded(on_head, probed)
+                continue
+            # no peer with that link (it went away): the probed message must still be consumed
+            discard = np.empty(probed.length, dtype=np.uint8)
+            self._watched.append((self.worker.tag_recv_with_handle(self.Array(discard), probed), ignore, discard))
 
     def _complete(self) -> bool:
         done = [item for item in self._watched if item[0].completed]

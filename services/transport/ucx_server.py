@@ -4,7 +4,8 @@
     server = serve_ucx(0, run_in_threads(compute))    # a blocking compute(batch) (tests, stand-ins)
     server.close()
 
-Threads: the process's progress thread (ucx_runtime.py) receives every request and hands it to
+Threads: the process's progress thread (ucx_runtime.py) probes for request heads (their length
+varies with the inline sections), receives each whole, and hands the request to
 `submit` itself, right before it sleeps; the thread that completes the future (the shard's compute
 thread) encodes and posts the reply from the future's callback. A request therefore wakes one
 thread between arriving and being answered (the shard's compute thread), and none when its future
@@ -61,15 +62,25 @@ class _Peer:
         try:
             request.check_error()
             self.link = int(hello[0])
-            self._post_head()
         except Exception as err:  # noqa: BLE001
             self.drop(f"{type(err).__name__}: {err}")
+            return
+        self.runtime.route_heads(self.link, self._on_probed)
 
-    def _post_head(self) -> None:
-        head = np.empty(wire.HEAD_CAPACITY, dtype=np.uint8)
-        request = self.runtime.receive(self.endpoint, head, wire.tag(self.link, wire.KIND_REQUEST, 0, 0),
-                                       wire.HEAD_MASK)
-        self.runtime.watch(request, partial(self._on_head, head), keep=head)
+    def _on_probed(self, probed) -> None:
+        """A request head is here (probed.length bytes): receive it whole."""
+        if self.endpoint is None:
+            return
+        head = np.empty(probed.length, dtype=np.uint8)
+        try:
+            request = self.runtime.receive_probed(self.endpoint, head, probed)
+        except Exception as err:  # noqa: BLE001 - the worker went away (closed, killed, reset)
+            self.drop(f"{type(err).__name__}: {err}")
+            return
+        if request.completed:
+            self._on_head(head, request)
+        else:
+            self.runtime.watch(request, partial(self._on_head, head), keep=head)
 
     def _on_head(self, head: np.ndarray, request) -> None:
         if self.endpoint is None:
@@ -77,7 +88,6 @@ class _Peer:
         try:
             request.check_error()
             header = wire.parse_header(head, wire.KIND_REQUEST)
-            self._post_head()
             tensors, sections = wire.split_inline(head, header, wire.request_sections(header))
             receives = []
             for part, section in enumerate(sections, start=1):
@@ -127,6 +137,7 @@ class _Peer:
             return
         event(log, "ucx peer disconnected", level=logging.DEBUG, reason=reason)
         self.server.peers.discard(self)
+        self.runtime.unroute_heads(self.link)
         self.runtime.close_endpoint(endpoint)
 
     # ---- on the thread that completed the future (or where progress runs) ------------------

@@ -8,23 +8,25 @@ ucx_framing.py; the replica side is ucx_server.py.
 Threads: one progress thread per process (`UcxRuntime`, ucx_runtime.py: how it progresses, sleeps
 and wakes, UCXPY_PROGRESS_MODE) serves every client and listener of the process. `submit` does its
 work on the caller's thread: it encodes (dtype conversion / FP8 quantisation in parallel with other
-callers), then, under the runtime's `ucx` lock, posts the receive for the reply's tail and the
-frame's sends; a small send completes inside that call, so the progress thread is not woken for
-it. The caller waiting on the future (`result()`) receives the reply itself: it drives progress
+callers), then, under the runtime's `ucx` lock, posts the frame's sends and then the receives for
+the reply (the replica starts on the request meanwhile); a small send completes inside that call,
+and a receive is picked up by whichever thread the reply wakes, so the progress thread is not
+woken for either. The caller waiting on the future (`result()`) receives the reply itself: it drives progress
 while it waits (UcxRuntime.wait), so the reply wakes only that thread; callers waiting while
 another one drives get their futures completed by it, and the progress thread handles what
 arrives while nobody waits.
 
-Failure: every request has a timer on the progress thread; an endpoint error (peer killed,
-connection reset), a receive error or the timer fails the future with ReplicaUnavailable. An
-endpoint error fails every pending future of that endpoint at once; the next submit reconnects.
+Failure: each connection keeps one timer on the progress thread, at its earliest deadline; an
+endpoint error (peer killed, connection reset), a receive error or the timer fails the future
+with ReplicaUnavailable. An endpoint error fails every pending future of that endpoint at once;
+the next submit reconnects.
 A reply that comes after its timeout lands in the buffers posted for it and is dropped.
 
 Where bytes are copied (host memory; "GPU" = tensors on a CUDA device):
 | step | copies |
 |---|---|
 | caller: fp32 -> bf16 / fp8 encode | one pass that writes the wire tensor (none in fp32 mode) |
-| head message (header + sections that fit 8 KiB) | small sections copied into the head buffer (D2H on GPU) |
+| head message (header + sections that fit 256 KiB) | those sections copied into the head buffer (D2H on GPU) |
 | tail sections (large hidden states, outputs) | none in Python: UCX reads the tensor's memory (TCP: kernel socket copies; cuda_ipc/RDMA: none) |
 | receive | tails land in preallocated torch tensors (on `device`; a reply's before it is sent); inline sections are views of the head buffer |
 | reply conversion to the caller's dtype | bf16 -> fp32 when the caller's hidden was fp32/fp8 |
@@ -35,10 +37,10 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import logging
+import math
 import secrets
 import threading
 import time
-import weakref
 from functools import partial
 from typing import Any
 
@@ -88,13 +90,14 @@ def _settle(future: concurrent.futures.Future, result=None, error: Exception | N
 class _Pending:
     """One submitted batch until its reply (or failure); a plain class with slots: one per call."""
 
-    __slots__ = ("future", "started", "out_dtype", "device", "shape", "tail", "tail_request", "settled",
-                 "__weakref__")
+    __slots__ = ("future", "started", "deadline", "out_dtype", "device", "shape", "tail", "tail_request",
+                 "settled")
 
-    def __init__(self, future: concurrent.futures.Future, started: float, out_dtype: torch.dtype,
-                 device: torch.device, shape: tuple[int, int]) -> None:
+    def __init__(self, future: concurrent.futures.Future, started: float, deadline: float,
+                 out_dtype: torch.dtype, device: torch.device, shape: tuple[int, int]) -> None:
         self.future = future
         self.started = started          # time.monotonic() at submit
+        self.deadline = deadline        # time.monotonic() by which the reply must be here
         self.out_dtype = out_dtype      # what the caller gets back
         self.device = device            # where the output tensor is received
         self.shape = shape              # of the reply's output, [T, H] in the reply dtype
@@ -121,6 +124,9 @@ class _Connection:
         self.runtime = runtime = client.runtime
         self.link = secrets.randbits(32)   # the replica tags every message to us with it
         self.pending: dict[int, _Pending] = {}
+        # one timer per connection, at the earliest deadline of its pending requests (a timer per
+        # request filled the runtime's heap with timers of requests answered long before)
+        self.expiry_at = math.inf
         self.broken: str | None = None
         self.connected = False
         host, port = client.address
@@ -129,30 +135,30 @@ class _Connection:
         self.endpoint.set_close_callback(runtime.call, (partial(self.fail, "endpoint closed or failed"),))
         hello = np.array([self.link], dtype="<u8")
         runtime.watch(self.endpoint.stream_send(runtime.Array(hello)), self._hello_sent, keep=hello)
-        self._post_head(self.endpoint)
         runtime.call_at(time.monotonic() + client.connect_timeout, self._check_connected)
 
-    def _post_head(self, endpoint) -> None:
-        # a fresh buffer per frame: inline outputs handed to callers stay views of their own head
-        head = np.empty(wire.HEAD_CAPACITY, dtype=np.uint8)
-        request = self.runtime.receive(endpoint, head, wire.tag(self.link, wire.KIND_REPLY, 0, 0), wire.HEAD_MASK)
-        self.runtime.watch(request, partial(self._on_head, head), keep=head)
-
     # ---- on a caller's thread ---------------------------------------------------------------
-    def submit(self, sequence: int, pending: _Pending, frame: wire.Frame, reply_dtype: torch.dtype,
-               timeout: float) -> None:
-        """Post the reply's tail receive, then the request; raises ReplicaUnavailable or a UCXX error."""
+    def submit(self, sequence: int, pending: _Pending, frame: wire.Frame, reply_dtype: torch.dtype) -> None:
+        """Post the request, then the receives for its reply; raises ReplicaUnavailable or a UCXX
+        error. The request goes first: the replica works on it while this thread posts the rest.
+        No thread progresses the worker meanwhile (this one holds `ucx`), so the reply cannot be
+        matched before its receives exist."""
         if self.endpoint is None:   # fail() runs under `ucx` too: this cannot change below
             raise ReplicaUnavailable(self.client.replica_id, self.broken or "endpoint closed")
         try:
+            self.runtime.send_frame(self.endpoint, self.link, wire.KIND_REQUEST, sequence, frame, self.fail)
+            # a fresh buffer per reply: an inline output handed to the caller is a view of it
+            head = np.empty(wire.reply_head_size(pending.shape, reply_dtype), dtype=np.uint8)
+            head_request = self.runtime.receive(self.endpoint, head, wire.tag(self.link, wire.KIND_REPLY, 0, sequence))
             if wire.inline_count([wire.Section(pending.shape, reply_dtype)]) == 0:
                 pending.tail = torch.empty(pending.shape, dtype=reply_dtype, device=pending.device)
                 pending.tail_request = self.runtime.receive(
                     self.endpoint, wire.byte_view(pending.tail), wire.tag(self.link, wire.KIND_REPLY, 1, sequence))
             self.pending[sequence] = pending
-            # weakly: the timer outlives most requests, and must not keep their outputs alive
-            self.runtime.call_at(pending.started + timeout, partial(self._expire, weakref.ref(pending)))
-            self.runtime.send_frame(self.endpoint, self.link, wire.KIND_REQUEST, sequence, frame, self.fail)
+            # the reply's arrival wakes whichever thread progresses (the waiting caller, mostly)
+            self.runtime.watch(head_request, partial(self._on_head, pending, head), keep=head, wake=False)
+            if pending.deadline < self.expiry_at:
+                self._expire_at(pending.deadline)
         except BaseException:
             self.pending.pop(sequence, None)
             pending.tail = pending.tail_request = None   # cancels that receive, under `ucx`
@@ -173,19 +179,17 @@ class _Connection:
             host, port = self.client.address
             self.fail(f"cannot connect to ucx://{host}:{port} within {self.client.connect_timeout:g}s")
 
-    def _on_head(self, head: np.ndarray, request) -> None:
-        endpoint = self.endpoint
-        if endpoint is None:
+    def _on_head(self, pending: _Pending, head: np.ndarray, request) -> None:
+        if self.endpoint is None:   # failed: fail() settled the request already
             return
         try:
             request.check_error()
             header = wire.parse_header(head, wire.KIND_REPLY)
-            self._post_head(endpoint)
         except Exception as err:  # noqa: BLE001 - peer death shows up as a UCXX error here
             self.fail(f"receive failed: {type(err).__name__}: {err}")
             return
-        pending = self.pending.pop(header.sequence, None)
-        if pending is None:
+        if self.pending.pop(header.sequence, None) is not pending:
+            self.fail(f"reply {header.sequence} came under the tag of another request")
             return
         if header.status != wire.STATUS_OK:
             pending.tail = pending.tail_request = None   # dropping the request cancels that receive
@@ -214,13 +218,27 @@ class _Connection:
         output, pending.tail, pending.tail_request = pending.tail, None, None
         self.client.resolve(pending, output)
 
-    def _expire(self, ref: weakref.ref) -> None:
-        pending = ref()
-        if pending is None:   # answered and released
+    def _expire_at(self, deadline: float) -> None:
+        """Check the pending requests for expiry at `deadline` (hold `ucx`)."""
+        self.expiry_at = deadline
+        self.runtime.call_at(deadline, partial(self._expire, deadline))
+
+    def _expire(self, deadline: float) -> None:
+        if deadline != self.expiry_at:   # superseded by an earlier check
             return
-        # stays in `pending`: a late reply then lands in the receive posted for it
-        _fail(self.runtime, pending, ReplicaUnavailable(
-            self.client.replica_id, f"no reply within {time.monotonic() - pending.started:.3g}s"), "timeout")
+        now, earliest = time.monotonic(), math.inf
+        for pending in self.pending.values():
+            if pending.settled:
+                continue
+            if pending.deadline <= now:
+                # stays in `pending`: a late reply then lands in the receive posted for it
+                _fail(self.runtime, pending, ReplicaUnavailable(
+                    self.client.replica_id, f"no reply within {now - pending.started:.3g}s"), "timeout")
+            else:
+                earliest = min(earliest, pending.deadline)
+        self.expiry_at = math.inf
+        if earliest < math.inf:
+            self._expire_at(earliest)
 
     def fail(self, reason: str) -> None:
         """Mark broken, fail every pending future, drop the endpoint (the next submit reconnects)."""
@@ -275,7 +293,8 @@ class UcxExpertClient(ExpertClient):
         future = self.runtime.future()
         hidden = batch.hidden
         out_dtype = hidden.dtype if hidden.dtype in (torch.float32, torch.bfloat16) else torch.float32
-        pending = _Pending(future, time.monotonic(), out_dtype, hidden.device, tuple(hidden.shape))
+        started = time.monotonic()
+        pending = _Pending(future, started, started + timeout, out_dtype, hidden.device, tuple(hidden.shape))
         sequence = next(self._sequence)
         try:
             if batch.hidden_scales is not None or hidden.dtype == torch.float8_e4m3fn:
@@ -292,7 +311,7 @@ class UcxExpertClient(ExpertClient):
         try:
             with self.runtime.ucx:
                 connection = self._connect()
-                connection.submit(sequence, pending, frame, self.reply_dtype, timeout)
+                connection.submit(sequence, pending, frame, self.reply_dtype)
         except ReplicaUnavailable as err:
             _fail(self.runtime, pending, err, "closed" if self._closed else "endpoint")
         except Exception as err:  # noqa: BLE001 - UCXX raises its own errors for a dead endpoint
