@@ -128,6 +128,24 @@ def test_batches_round_trip_in_every_dispatch_dtype(shared, dispatch_dtype, tole
         client.close()
 
 
+def test_a_link_opened_with_the_device_inline_limit_sends_hidden_states_as_tails(shared, monkeypatch):
+    """What a GPU worker does (its hidden states then go zero-copy): the listener follows the
+    limit the worker's hello names, in both directions."""
+    batch = _batch(40, 512, seed=4)   # 80 KiB of fp32 hidden: inline on TCP-only hosts, a tail here
+    assert wire.encode_request(1, 1, batch.expert_ids, batch.weights, batch.hidden, None, torch.float32,
+                               wire.DEVICE_INLINE_LIMIT).tails != []
+    transport = UcxTransport("fp32")
+    monkeypatch.setattr(transport.runtime, "inline_limit", wire.DEVICE_INLINE_LIMIT)
+    client = transport.connect(Replica("r0", {"ucx": f"127.0.0.1:{shared.port}"}))
+    try:
+        batches = [batch, _batch(4, 64, seed=5)]
+        futures = [client.submit(b, timeout=30.0) for b in batches]
+        for b, future in zip(batches, futures):
+            torch.testing.assert_close(future.result(timeout=60.0), _expected(b), rtol=0, atol=0)
+    finally:
+        client.close()
+
+
 def test_bfloat16_caller_gets_bfloat16_back(shared):
     client = _connect(shared, "bf16")
     try:

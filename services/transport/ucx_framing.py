@@ -1,7 +1,8 @@
 """Wire format of the UCX expert path: one head message, then zero or more tail messages.
 
 Every request and reply starts with a *head* message: a fixed 48-byte header followed by as
-many leading sections as fit in INLINE_LIMIT bytes (each 8-byte aligned). Sections that do
+many leading sections as fit in the link's inline limit (each 8-byte aligned; INLINE_LIMIT on
+TCP-only hosts, DEVICE_INLINE_LIMIT where UCX moves GPU memory or uses RDMA). Sections that do
 not fit follow as one tag message each, sent straight from the tensor's memory and received
 straight into a preallocated tensor. Both sides derive the split from the header alone. A
 head's length varies with its inline sections: the listener learns it from a tag probe (and
@@ -9,8 +10,8 @@ receives exactly that many bytes); the requester knows the reply's shape and pos
 of `reply_head_size` bytes for it.
 
 Tags (64 bits): link << 32 | direction << 31 | part << 24 | sequence mod 2^24. `link` is a random
-id the connecting side picks per endpoint and sends first over UCX's stream API (8 bytes,
-little-endian); UCX matches tags per worker, not per endpoint, so the link keeps one listener's
+id the connecting side picks per endpoint and sends first over UCX's stream API, with the link's
+inline limit (the hello: two little-endian u64); UCX matches tags per worker, not per endpoint, so the link keeps one listener's
 endpoints (and a client and a listener sharing a process) apart. Part 0 is the head, part i the
 i-th tail. The listener probes for request heads with HEAD_MASK (any link, any sequence) and
 finds the peer by the link; every other message has its own exact tag, so frames sent
@@ -22,7 +23,7 @@ for a reply before the reply exists.
     reply sections:   output reply dtype [T, H]          (status OK)
                       UTF-8 error text, inline only        (status INVALID / UNAVAILABLE / ERROR)
 
-A decode batch up to INLINE_LIMIT is therefore one message each way (the sender copies its
+A decode batch up to the inline limit is therefore one message each way (the sender copies its
 sections into the head; every message goes eager over TCP, see ucx_runtime); a larger one is a
 head + zero-copy tails.
 Header (little-endian): magic u32, kind u8, status u8, wire dtype u8, reply dtype u8,
@@ -47,6 +48,10 @@ ALIGN = 8
 # than copying 64 KiB into the head (loopback TCP, 2 cores: 16 and 64 KiB round trips 10 to 25%
 # faster as one message; 128 KiB no slower). Above it the tail spares copying the hidden states.
 INLINE_LIMIT = (256 << 10) - HEADER.size
+# Where UCX moves GPU memory or uses RDMA, a tail goes zero-copy (cuda_ipc, GPUDirect) while an
+# inline section of a GPU tensor costs a D2H copy: there only the small sections ride in the head.
+# The connecting side picks the limit of a link for both directions and names it in its hello.
+DEVICE_INLINE_LIMIT = 8192 - HEADER.size
 ERROR_TEXT_LIMIT = 2048                # bytes of an error reply's text
 GROUP = 128                            # channels per fp8 scale
 
@@ -155,9 +160,9 @@ def _copy_into(head: np.ndarray, address: int, offset: int, size: int, tensor: t
         ctypes.memmove(address + offset, source.data_ptr(), size)
 
 
-def _pack(header: Header, tensors: list[torch.Tensor], text: bytes = b"") -> Frame:
+def _pack(header: Header, tensors: list[torch.Tensor], text: bytes = b"", limit: int = INLINE_LIMIT) -> Frame:
     sizes = [t.nbytes for t in tensors]
-    offsets = _inline_offsets(sizes, HEADER.size + len(text), HEADER.size + INLINE_LIMIT)
+    offsets = _inline_offsets(sizes, HEADER.size + len(text), HEADER.size + limit)
     n_inline = len(offsets)
     head = np.empty(offsets[-1] + sizes[n_inline - 1] if offsets else HEADER.size + len(text), dtype=np.uint8)
     HEADER.pack_into(head, 0, MAGIC, header.kind, header.status,
@@ -173,8 +178,10 @@ def _pack(header: Header, tensors: list[torch.Tensor], text: bytes = b"") -> Fra
 
 
 def encode_request(sequence: int, layer: int, expert_ids: torch.Tensor, weights: torch.Tensor,
-                   hidden: torch.Tensor, scales: torch.Tensor | None, reply_dtype: torch.dtype) -> Frame:
-    """Request frame; `hidden` already in its wire dtype (with `scales` iff float8)."""
+                   hidden: torch.Tensor, scales: torch.Tensor | None, reply_dtype: torch.dtype,
+                   limit: int = INLINE_LIMIT) -> Frame:
+    """Request frame; `hidden` already in its wire dtype (with `scales` iff float8); `limit`: the
+    link's inline limit."""
     if hidden.dim() != 2 or expert_ids.dim() != 2 or expert_ids.shape != weights.shape \
             or expert_ids.shape[0] != hidden.shape[0]:
         raise ValueError(f"request shapes disagree: hidden {list(hidden.shape)}, expert_ids "
@@ -190,16 +197,17 @@ def encode_request(sequence: int, layer: int, expert_ids: torch.Tensor, weights:
     if scales is not None:
         tensors.append(_as(scales, torch.float32))
     tensors.append(hidden)
-    return _pack(header, tensors)
+    return _pack(header, tensors, limit=limit)
 
 
 def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
-def encode_reply(sequence: int, output: torch.Tensor) -> Frame:
+def encode_reply(sequence: int, output: torch.Tensor, limit: int = INLINE_LIMIT) -> Frame:
     tokens, hidden_size = output.shape
-    return _pack(Header(KIND_REPLY, STATUS_OK, output.dtype, None, sequence, 0, tokens, hidden_size, 0), [output])
+    return _pack(Header(KIND_REPLY, STATUS_OK, output.dtype, None, sequence, 0, tokens, hidden_size, 0), [output],
+                 limit=limit)
 
 
 def encode_error(sequence: int, status: int, message: str) -> Frame:
@@ -217,10 +225,10 @@ def link_of(tag: int) -> int:
     return tag >> 32
 
 
-def reply_head_size(shape: tuple[int, int], dtype: torch.dtype) -> int:
+def reply_head_size(shape: tuple[int, int], dtype: torch.dtype, limit: int = INLINE_LIMIT) -> int:
     """Bytes to receive a reply's head into: its output inline when that fits, or an error."""
     output = Section(shape, dtype).nbytes
-    inline = _inline_offsets([output], HEADER.size, HEADER.size + INLINE_LIMIT)
+    inline = _inline_offsets([output], HEADER.size, HEADER.size + limit)
     return max(inline[0] + output if inline else HEADER.size, HEADER.size + ERROR_TEXT_LIMIT)
 
 
@@ -247,11 +255,11 @@ def error_text(head: torch.Tensor | np.ndarray, header: Header) -> str:
     return bytes(_host(head)[HEADER.size:HEADER.size + header.text_bytes]).decode("utf-8", "replace")
 
 
-def split_inline(head: torch.Tensor | np.ndarray, header: Header, sections: list[Section]
-                 ) -> tuple[list[torch.Tensor], list[Section]]:
+def split_inline(head: torch.Tensor | np.ndarray, header: Header, sections: list[Section],
+                 limit: int = INLINE_LIMIT) -> tuple[list[torch.Tensor], list[Section]]:
     """(views of the inline sections inside `head`, the sections still to receive as tails)."""
     sizes = [section.nbytes for section in sections]
-    offsets = _inline_offsets(sizes, HEADER.size + header.text_bytes, HEADER.size + INLINE_LIMIT)
+    offsets = _inline_offsets(sizes, HEADER.size + header.text_bytes, HEADER.size + limit)
     buffer = _host(head)
     views = []
     for offset, size, (shape, dtype) in zip(offsets, sizes, sections):

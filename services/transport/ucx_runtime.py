@@ -124,6 +124,8 @@ class UcxRuntime:
         cuda = torch.cuda.is_available()
         tcp_only = not cuda and not (os.path.isdir(RDMA_DEVICES) and os.listdir(RDMA_DEVICES))
         defaults = {**UCX_DEFAULTS, **UCX_TCP_ONLY_DEFAULTS} if tcp_only else UCX_DEFAULTS
+        # the inline limit of the links this process opens (ucx_framing: GPU tensors go as tails)
+        self.inline_limit = wire.INLINE_LIMIT if tcp_only else wire.DEVICE_INLINE_LIMIT
         # importing ucxx set UCX_RNDV_THRESH=8192 (and more) in os.environ: only the user's win
         config = {name: value for name, value in defaults.items() if f"UCX_{name}" not in _user_settings}
         context = api.UCXContext(config, feature_flags=(api.Feature.TAG, api.Feature.STREAM, api.Feature.WAKEUP))

@@ -53,15 +53,19 @@ class _Peer:
         self.runtime = runtime = server.runtime
         self.endpoint = endpoint
         self.link = 0
+        self.inline_limit = wire.DEVICE_INLINE_LIMIT   # the worker's hello names the link's limit
         endpoint.set_close_callback(runtime.call, (partial(self.drop, "endpoint closed or failed"),))
-        hello = np.zeros(1, dtype="<u8")
+        hello = np.zeros(2, dtype="<u8")
         runtime.watch(endpoint.stream_recv(runtime.Array(hello)), partial(self._on_hello, hello), keep=hello)
 
     # ---- where progress runs (the progress thread or a driving caller) ----------------------
     def _on_hello(self, hello: np.ndarray, request) -> None:
         try:
             request.check_error()
-            self.link = int(hello[0])
+            self.link, limit = int(hello[0]), int(hello[1])
+            if not 0 <= limit <= wire.INLINE_LIMIT:
+                raise wire.FrameError(f"hello names an inline limit of {limit} bytes (at most {wire.INLINE_LIMIT})")
+            self.inline_limit = limit
         except Exception as err:  # noqa: BLE001
             self.drop(f"{type(err).__name__}: {err}")
             return
@@ -88,7 +92,7 @@ class _Peer:
         try:
             request.check_error()
             header = wire.parse_header(head, wire.KIND_REQUEST)
-            tensors, sections = wire.split_inline(head, header, wire.request_sections(header))
+            tensors, sections = wire.split_inline(head, header, wire.request_sections(header), self.inline_limit)
             receives = []
             for part, section in enumerate(sections, start=1):
                 tensor = torch.empty(section.shape, dtype=section.dtype, device=self.server.device)
@@ -143,7 +147,7 @@ class _Peer:
     # ---- on the thread that completed the future (or where progress runs) ------------------
     def _answer(self, header: wire.Header, future: concurrent.futures.Future) -> None:
         try:
-            frame = wire.encode_reply(header.sequence, future.result().to(header.reply_dtype))
+            frame = wire.encode_reply(header.sequence, future.result().to(header.reply_dtype), self.inline_limit)
         except Exception as err:  # noqa: BLE001 - reported to the caller, never fatal to the listener
             frame = _error_frame(header, err)
         self._send(header.sequence, frame)
