@@ -2,8 +2,9 @@
 in-process generator and transformers' generate(), on the same checkpoint in one run.
 
 Each side runs B concurrent greedy requests for N and for 2N new tokens; (time(2N) - time(N)) / N
-is the decode time per step with prefill and start-up cancelled out. The cluster's step is split
-into attention (local compute on the worker), dispatch wait (the worker blocked on expert
+is the decode time per step with prefill and start-up cancelled out. The three sides take turns
+within each repeat, so a noisy minute on this shared machine hits all of them. The cluster's step
+is split into attention (local compute on the worker), dispatch wait (the worker blocked on expert
 replies) and expert compute (the shards' merged per-layer computations), read from the services'
 Prometheus metrics over the same window.
 
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from checkpoints import make_checkpoint  # noqa: E402
-from decode_bench import BENCH_CONFIG, PROMPT_LEN, time_ours, time_transformers  # noqa: E402
+from decode_bench import BENCH_CONFIG, PROMPT_LEN, per_step, time_ours, time_transformers  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
 from services.client import Client  # noqa: E402
 from services.launcher.cluster import LocalCluster  # noqa: E402
@@ -85,13 +86,6 @@ def split_snapshot(cluster: LocalCluster) -> dict[str, float]:
     return snap
 
 
-def per_step(timer, target, batch: int, steps: int, repeats: int) -> float:
-    timer(target, batch, 2)  # warm-up
-    short = min(timer(target, batch, steps) for _ in range(repeats))
-    long = min(timer(target, batch, 2 * steps) for _ in range(repeats))
-    return (long - short) / steps
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,16,64")
@@ -123,10 +117,10 @@ def main() -> int:
             splits = []
             for batch in batches:
                 before = split_snapshot(cluster)
-                clustered = per_step(time_cluster, client, batch, args.steps, args.repeats)
+                step = per_step({"cluster": (time_cluster, client), "local": (time_ours, ours),
+                                 "transformers": (time_transformers, hf)}, batch, args.steps, args.repeats)
                 after = split_snapshot(cluster)
-                local = per_step(time_ours, ours, batch, args.steps, args.repeats)
-                theirs = per_step(time_transformers, hf, batch, args.steps, args.repeats)
+                clustered, local, theirs = step["cluster"], step["local"], step["transformers"]
                 print(f"{batch:>5} {batch / clustered:>14.0f} {batch / local:>17.0f} {batch / theirs:>19.0f} "
                       f"{local / clustered:>18.2f}x {theirs / clustered:>20.2f}x")
                 splits.append((batch, {k: after[k] - before[k] for k in after}))
