@@ -133,8 +133,9 @@ class _Connection:
         self.endpoint = runtime.api.UCXEndpoint.create(runtime.worker, host, port, True)
         # runs inside UCX's progress: act after it returns
         self.endpoint.set_close_callback(runtime.call, (partial(self.fail, "endpoint closed or failed"),))
-        self.inline_limit = runtime.inline_limit  # for both directions of this link
-        hello = np.array([self.link, self.inline_limit], dtype="<u8")
+        # the process's inline limit holds for both directions of the link (requests are encoded
+        # with it before a connection is picked)
+        hello = np.array([self.link, runtime.inline_limit], dtype="<u8")
         runtime.watch(self.endpoint.stream_send(runtime.Array(hello)), self._hello_sent, keep=hello)
         runtime.call_at(time.monotonic() + client.connect_timeout, self._check_connected)
 
@@ -149,9 +150,9 @@ class _Connection:
         try:
             self.runtime.send_frame(self.endpoint, self.link, wire.KIND_REQUEST, sequence, frame, self.fail)
             # a fresh buffer per reply: an inline output handed to the caller is a view of it
-            head = np.empty(wire.reply_head_size(pending.shape, reply_dtype, self.inline_limit), dtype=np.uint8)
+            head = np.empty(wire.reply_head_size(pending.shape, reply_dtype, self.runtime.inline_limit), dtype=np.uint8)
             head_request = self.runtime.receive(self.endpoint, head, wire.tag(self.link, wire.KIND_REPLY, 0, sequence))
-            if wire.inline_count([wire.Section(pending.shape, reply_dtype)], self.inline_limit) == 0:
+            if wire.inline_count([wire.Section(pending.shape, reply_dtype)], self.runtime.inline_limit) == 0:
                 pending.tail = torch.empty(pending.shape, dtype=reply_dtype, device=pending.device)
                 pending.tail_request = self.runtime.receive(
                     self.endpoint, wire.byte_view(pending.tail), wire.tag(self.link, wire.KIND_REPLY, 1, sequence))
@@ -201,7 +202,7 @@ class _Connection:
                       f"asked for {list(pending.shape)} {self.client.reply_dtype}")
             return
         if pending.tail_request is None:
-            tensors, _ = wire.split_inline(head, header, wire.reply_sections(header), self.inline_limit)
+            tensors, _ = wire.split_inline(head, header, wire.reply_sections(header), self.runtime.inline_limit)
             self.client.resolve(pending, tensors[0])
         elif pending.tail_request.completed:
             self._on_tail(pending, pending.tail_request)
