@@ -99,6 +99,10 @@ class RoutedExperts(Protocol):
     def combine(self, handle: object) -> torch.Tensor: ...
 
 
+# rows per expert up to which the CPU loop multiplies weight-left (see _experts_one_by_one)
+THIN_ROWS = 4
+
+
 class ExpertBank(nn.Module):
     """One layer's routed experts, all of them or a subset, addressed by logical expert id.
 
@@ -206,15 +210,25 @@ class ExpertBank(nn.Module):
 
     def _experts_one_by_one(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """xs: [N, D] rows grouped by slot, counts[slot] rows each -> [N, D], one GEMM pair per
-        expert that received rows."""
+        expert that received rows. On CPU in fp32, an expert with at most THIN_ROWS rows multiplies
+        with the weight on the left and its rows as a transposed view: MKL streams a weight 1.3
+        to 1.6x faster that way than through F.linear for 2 to 4 rows on one thread (F.linear
+        packs the weight first), and a decode batch gives most experts that few rows."""
         ys = torch.empty_like(xs)
-        start = 0
+        inter, start = self.inter_dim, 0
         for slot, count in enumerate(counts):
-            if count:
-                gate_up = F.linear(xs[start : start + count], self.w13[slot])  # [n, 2I]
-                act = F.silu(gate_up[:, : self.inter_dim]) * gate_up[:, self.inter_dim :]
-                torch.mm(act, self.w2[slot].t(), out=ys[start : start + count])  # [n, D]
-                start += count
+            if not count:
+                continue
+            rows, out = xs[start : start + count], ys[start : start + count]
+            if count <= THIN_ROWS and xs.dtype == torch.float32 and not xs.is_cuda:
+                gate_up = torch.mm(self.w13[slot], rows.t())  # [2I, n]
+                act = (F.silu(gate_up[:inter]) * gate_up[inter:]).t().contiguous()  # [n, I]
+                out.copy_(torch.mm(self.w2[slot], act.t()).t())  # [D, n] -> [n, D]
+            else:
+                gate_up = F.linear(rows, self.w13[slot])  # [n, 2I]
+                act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+                torch.mm(act, self.w2[slot].t(), out=out)  # [n, D]
+            start += count
         return ys
 
     def _experts_padded(self, xs: torch.Tensor, row_slots: torch.Tensor, counts: torch.Tensor, counts_list: list[int], width: int) -> torch.Tensor:

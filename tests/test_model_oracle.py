@@ -136,9 +136,10 @@ def test_grouped_gemm_expert_path_equals_expert_loop(v3_checkpoint):
 
 
 def test_cpu_expert_paths_equal_a_per_token_reference(v3_checkpoint):
-    """Both CPU paths, one GEMM pair per expert (few experts hit) and batched GEMMs over all held
-    experts with the busiest experts' extra rows done one by one (most experts hit, skewed
-    counts), against each (token, expert) pair computed on its own."""
+    """Both CPU paths, one GEMM pair per expert (one thread, or few experts hit; weight-left for
+    experts with few rows, F.linear for busy ones) and batched GEMMs over all held experts with
+    the busiest experts' extra rows done one by one (two threads, most experts hit), against each
+    (token, expert) pair computed on its own."""
     from model.checkpoint import load_expert_banks
 
     path, _ = v3_checkpoint
@@ -156,11 +157,12 @@ def test_cpu_expert_paths_equal_a_per_token_reference(v3_checkpoint):
         return out
 
     sparse_ids = torch.tensor([[2, 6, 1]])  # one token: one held expert of four
+    few_ids = torch.tensor([[0, 2, 5], [2, 5, 7], [0, 7, 1], [5, 0, 3], [2, 7, 4], [0, 5, 6]])  # 3 or 4 rows each
     skewed_ids = torch.stack([torch.tensor([0, 1 + t % 3, 5 if t % 4 else 7]) for t in range(20)])  # expert 0 gets all 20
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # the batched path runs only with more than one thread
     try:
-        for ids in (sparse_ids, skewed_ids):
+        for n_threads, ids in itertools.product((1, 2), (sparse_ids, few_ids, skewed_ids)):
+            torch.set_num_threads(n_threads)  # the batched path runs only with more than one thread
             x = torch.randn(ids.shape[0], bank.w13.shape[2], generator=g)
             weights = torch.rand(ids.shape, generator=g)
             with torch.no_grad():
