@@ -304,3 +304,57 @@ def test_closing_the_listener_fails_the_calls_it_was_serving():
         release.set()
         client.close()
         server.close()
+
+
+
+BUSY_MATMULS = 20   # large matmuls queued on the GPU ahead of a tensor that is then sent
+
+
+def _written_late(x: torch.Tensor) -> torch.Tensor:
+    """x, as written by a kernel queued behind BUSY_MATMULS large matmuls (tens of milliseconds of
+    GPU work): a send that does not wait for that kernel carries whatever the memory held before."""
+    a = torch.full((8192, 8192), 1 / 8192, device=x.device, dtype=torch.bfloat16)
+    b = a
+    for _ in range(BUSY_MATMULS):
+        b = b @ a   # stays 1/8192 everywhere
+    return (x.float() + 0 * b[:1, :1].float()).to(x.dtype)
+
+
+def _scaled_and_written_late(batch: ExpertBatch) -> torch.Tensor:
+    x = batch.hidden.to("cuda", torch.float32) * batch.weights.to("cuda").sum(-1, keepdim=True)
+    return _written_late(x.to(batch.hidden.dtype))
+
+
+def _serve_cuda(conn) -> None:
+    from services.transport.ucx_server import run_in_threads, serve_ucx
+
+    server = serve_ucx(0, run_in_threads(_scaled_and_written_late), device="cuda")
+    conn.send(server.port)
+    threading.Event().wait()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU tensors over UCX)")
+def test_gpu_tensors_still_being_written_travel_complete():
+    """GPU hidden states and outputs go as zero-copy tails, which UCX reads on streams of its own
+    (the peer's, with CUDA IPC): both sides must wait for the kernels that write them. Without
+    that wait every round trip here came back wrong (H200, 2026-11-29)."""
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    process = ctx.Process(target=_serve_cuda, args=(child,), name="ucx-listener-cuda", daemon=True)
+    process.start()
+    try:
+        assert parent.poll(STARTUP_DEADLINE_S), f"CUDA UCX listener did not report its port within {STARTUP_DEADLINE_S}s"
+        client = UcxTransport("bf16").connect(Replica("r0", {"ucx": f"127.0.0.1:{parent.recv()}"}))
+        for seed in range(4):
+            batch = _batch(256, 7168, seed=seed)   # routing stays on the host, as the dispatcher sends it
+            base = batch.hidden.to("cuda", torch.bfloat16)
+            hidden = _written_late(base)
+            assert hidden.nbytes > wire.DEVICE_INLINE_LIMIT   # a tail each way
+            out = client.submit(ExpertBatch(batch.layer, hidden, batch.expert_ids, batch.weights), 60).result(60)
+            want = (base.float() * batch.weights.cuda().sum(-1, keepdim=True)).to(torch.bfloat16)
+            assert out.device.type == "cuda"
+            assert torch.equal(out, want), f"seed {seed}: {int((out != want).sum())} of {out.numel()} values differ"
+        client.close()
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.join(10)

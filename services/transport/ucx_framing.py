@@ -174,7 +174,13 @@ def _pack(header: Header, tensors: list[torch.Tensor], text: bytes = b"", limit:
         address = head.ctypes.data
         for offset, size, tensor in zip(offsets, sizes, tensors):
             _copy_into(head, address, offset, size, tensor)
-    return Frame(head, [byte_view(t) for t in tensors[n_inline:]])
+    tails = [byte_view(t) for t in tensors[n_inline:]]
+    cuda_tail = next((t for t in tails if t.is_cuda), None)
+    if cuda_tail is not None:
+        # UCX reads GPU memory on streams of its own, unordered with torch's: the kernels that
+        # write a tail (a gather, a dtype conversion, the expert compute) must have finished
+        torch.cuda.current_stream(cuda_tail.device).synchronize()
+    return Frame(head, tails)
 
 
 def encode_request(sequence: int, layer: int, expert_ids: torch.Tensor, weights: torch.Tensor,
