@@ -45,10 +45,10 @@ class _Part:
 @dataclass
 class Pending:
     layer: int
-    x: torch.Tensor  # [T, D]
-    ids: torch.Tensor  # [T, K]
-    weights: torch.Tensor  # [T, K]
-    parts: list[_Part] = field(default_factory=list)
+    x: torch.Tensor  # [T, D] on the model's device
+    ids: torch.Tensor  # [T, K] on the host
+    weights: torch.Tensor  # [T, K] float32 on the host
+    parts: list[_Part] = field(default_factory=list)  # rows and slots on the host
 
 
 class PlanHolder:
@@ -161,8 +161,7 @@ class Dispatcher:
         if plan is None:
             raise Unavailable("no routing plan yet: is the router running?")
         routes = self._layer_routes(plan, pending.layer)
-        device = pending.ids.device
-        owner = routes.owners(next(self._turn)).to(device)[pending.ids]  # [T, K] index into routes.replicas
+        owner = routes.owners(next(self._turn))[pending.ids]  # [T, K] index into routes.replicas
         if slots is not None:
             owner = owner.masked_fill(~slots, -1)
         if routes.missing and bool((owner == LayerRoutes.MISSING).any()):
@@ -177,9 +176,9 @@ class Dispatcher:
             part_slots = mask.index_select(0, rows)  # [n, K]
             batch = ExpertBatch(
                 layer=pending.layer,
-                hidden=pending.x.index_select(0, rows),
+                hidden=pending.x.index_select(0, rows.to(pending.x.device, non_blocking=True)),
                 expert_ids=pending.ids.index_select(0, rows).masked_fill(~part_slots, -1).to(torch.int32),
-                weights=pending.weights.index_select(0, rows).masked_fill(~part_slots, 0.0).float(),
+                weights=pending.weights.index_select(0, rows).masked_fill(~part_slots, 0.0),
             )
             crossing = "cross_plane" if replica.plane != self.plans.plane else "same_plane"
             PLANE_BYTES.labels(crossing).inc(batch.hidden.numel() * WIRE_BYTES[self.transport.dispatch_dtype])
@@ -190,7 +189,14 @@ class Dispatcher:
             pending.parts.append(_Part(replica, rows, part_slots, future))
 
     def dispatch(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Pending:
-        pending = Pending(layer, x, ids, weights)
+        """Route on the host: on a GPU the routing is copied once per layer (one synchronisation),
+        where splitting it there would synchronise once per replica (nonzero, unique) and the
+        transport once more per small section it copies into a message. The hidden states stay
+        on their device; each replica's rows are gathered there."""
+        if ids.is_cuda:
+            ids, weights = ids.to("cpu", non_blocking=True), weights.float().to("cpu", non_blocking=True)
+            torch.cuda.current_stream(x.device).synchronize()
+        pending = Pending(layer, x, ids, weights.float())
         self._send(pending, None)
         return pending
 
@@ -207,7 +213,7 @@ class Dispatcher:
                     self.mark_dead(part.replica, str(err) or type(err).__name__)
                     retry[part.rows] |= part.slots
                     continue
-                out.index_add_(0, part.rows, result.to(out.device, torch.float32))
+                out.index_add_(0, part.rows.to(out.device, non_blocking=True), result.to(out.device, torch.float32))
             if not retry.any():
                 break
             if attempt + 1 == self.attempts:
