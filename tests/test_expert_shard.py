@@ -433,3 +433,31 @@ def test_expert_process_registers_serves_and_its_death_fails_pending_dispatches(
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait(5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (a shard on a GPU)")
+def test_a_gpu_shard_keeps_ucx_traffic_in_gpu_memory(v3_checkpoint):
+    """On a GPU the listener receives hidden states into GPU memory and the reply leaves from it
+    (CUDA IPC / GPUDirect RDMA), with no copy through the host on the shard."""
+    from services.common.plan import PlanReplica
+    from services.expert.__main__ import start_ucx
+    from services.transport.ucx_transport import UcxTransport, ucx_available
+
+    if not ucx_available()[0]:
+        pytest.skip(f"ucxx cannot be imported: {ucx_available()[1]}")
+    path, hf = v3_checkpoint
+    shard = ExpertShard.load(path, HELD, dtype="float32", device="cuda").start()
+    server = start_ucx(0, shard)
+    try:
+        assert server.device == shard.device and shard.device.type == "cuda"
+        batch = random_batch(1, tokens=64, seed=3)   # 64 x 64 fp32: more than a head carries inline
+        assert shard.compute(ExpertBatch(1, batch.hidden.cuda(), batch.expert_ids, batch.weights), timeout=30).is_cuda
+        client = UcxTransport("fp32").connect(PlanReplica("r-gpu", "127.0.0.1:1", ucx=f"127.0.0.1:{server.port}"))
+        out = client.submit(ExpertBatch(1, batch.hidden.cuda(), batch.expert_ids, batch.weights), 30).result(30)
+        client.close()
+        assert out.is_cuda
+        ref = hf_reference(hf, 1, batch.hidden, batch.expert_ids, batch.weights)
+        assert (out.cpu() - ref).abs().max().item() <= 1e-5
+    finally:
+        server.close()
+        shard.drain(5.0)

@@ -66,7 +66,8 @@ def start_ucx(port: int, shard: ExpertShard):
     except ImportError as err:
         event(log, "ucx listener disabled: module not importable", level=logging.WARNING, error=str(err))
         return None
-    return serve_ucx(port, shard.submit)
+    # tails land where the experts run: GPU to GPU over CUDA IPC or GPUDirect RDMA, no host hop
+    return serve_ucx(port, shard.submit, device=shard.device)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """The expert shard's logic (no gRPC): held weights, validation, cross-request batching, load.
 
     shard = ExpertShard.load(model_dir, experts=[0, 1, 2, 3], recorder=load_recorder).start()
-    out = shard.compute(ExpertBatch(layer, hidden, ids, weights))     # [T, H], blocking
+    out = shard.compute(ExpertBatch(layer, hidden, ids, weights))     # [T, H] on its device, blocking
     future = shard.submit(batch)                                      # the same, asynchronous
 
 `submit` validates on the caller's thread (InvalidArgument names the culprit) and queues the
@@ -162,7 +162,8 @@ class ExpertShard:
 
     # ---- requests -------------------------------------------------------------------------
     def compute(self, batch: ExpertBatch, timeout: float | None = None) -> torch.Tensor:
-        """Blocking: [T, H] output in the hidden's dtype (float32 for float8 hidden)."""
+        """Blocking: [T, H] output on the shard's device, in the hidden's dtype (float32 for
+        float8 hidden)."""
         return self.submit(batch).result(timeout)
 
     def submit(self, batch: ExpertBatch, out_dtype: torch.dtype | None = None) -> concurrent.futures.Future:
@@ -297,7 +298,7 @@ class ExpertShard:
         start = 0
         for work in works:
             T = work.hidden.shape[0]
-            part = out[start:start + T].to(device="cpu", dtype=work.out_dtype)
+            part = out[start:start + T].to(dtype=work.out_dtype)  # on the shard's device: the transport moves it
             start += T
             if not work.future.done():
                 work.future.set_result(part)
