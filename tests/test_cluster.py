@@ -207,3 +207,23 @@ def test_all_replicas_of_a_shard_gone_fails_fast_naming_the_experts_then_recover
                 raise
             time.sleep(0.2)
     assert result.tokens == reference[0][0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the cluster on a GPU)")
+def test_a_cluster_on_a_gpu_over_ucx_gives_the_in_process_tokens_there(v3_checkpoint, tmp_path):
+    """Workers and shards on the GPU, expert traffic over UCX from GPU memory to GPU memory:
+    sixteen concurrent streams give the greedy tokens of the in-process generator on that GPU."""
+    from services.transport.ucx_transport import ucx_available
+
+    if not ucx_available()[0]:
+        pytest.skip(f"ucxx cannot be imported: {ucx_available()[1]}")
+    path, _ = v3_checkpoint
+    engine = Engine(load_model(path, device="cuda"), cache_tokens=4096, max_batch=16, cuda_graphs=False)
+    want = engine.generate([GenerationRequest(tuple(p), n) for p, n in zip(PROMPTS, LENGTHS)])
+    with LocalCluster(path, shards=2, replicas=1, attention_workers=1, transport="ucx", dispatch_dtype="fp32",
+                      device="cuda", run_dir=tmp_path) as running:
+        results = run_concurrently(Client(running.gateway_endpoint, timeout=120), greedy_jobs())
+    for result, seq in zip(results, want):
+        assert not isinstance(result, Exception), result
+        assert result.tokens == seq.tokens
+        assert max(abs(a - b) for a, b in zip(result.logprobs, seq.logprobs)) <= 1e-4
