@@ -8,7 +8,8 @@ For message sizes 4 KiB .. 16 MiB, between two processes on this machine:
   one-way bandwidth  k messages streamed, one ack at the end        (GB/s)
   round trip         send N bytes, get the same N back, per message  (median microseconds)
 for: our UCX expert path (UcxExpertClient frames against serve_ucx, echo submit, fp32; its
-bandwidth counts both directions, its round trip is submit -> result), raw UCX tag messages
+bandwidth counts both directions, its round trip is submit -> result), the same expert path over
+our gRPC transport (GrpcExpertClient against ExpertShardServicer, same echo), raw UCX tag messages
 through UCXX's asyncio API (endpoint from a listener; the variants below), a gRPC bidirectional
 stream with bytes payloads (benchmark-only generic handler, no protos), and torch copy_ of the same
 bytes in one process as the ceiling.
@@ -61,7 +62,7 @@ LAUNCH_ENV = dict(os.environ)
 SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20]
 SINK, ECHO, STOP, IDLE = 1, 2, 3, 4
 IDLE_S = 1.0
-IDLE_LAYER = -1               # expert path: the echo server holds this request IDLE_S seconds
+IDLE_LAYER = 1 << 20          # expert path: the echo server holds this request IDLE_S seconds
 READY_DEADLINE_S = 60.0
 EXPERT_HIDDEN = 1024          # expert-path rows: tokens = bytes / (1024 * 4)
 V3 = {"name": "DeepSeek-V3", "hidden": 7168, "topk": 8}
@@ -192,14 +193,31 @@ def serve_ucx_expert() -> None:
     threading.Event().wait()
 
 
-def client_ucx_expert(port: int, sizes: list[int], quick: bool) -> dict:
-    from services.transport.base import ExpertBatch
-    from services.transport.ucx_transport import UcxTransport
+def serve_grpc_expert() -> None:
+    """Our gRPC expert path's server: ExpertShardServicer over the same echo submit."""
+    from moe.v1 import expert_pb2_grpc
+    from services.common.server import build_server
+    from services.expert.servicer import ExpertShardServicer
+
+    class EchoShard:
+        submit = staticmethod(_echo)
+
+    server = build_server(max_workers=8)
+    expert_pb2_grpc.add_ExpertShardServicer_to_server(ExpertShardServicer(EchoShard()), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(f"READY {port}", flush=True)
+    server.wait_for_termination()
+
+
+def client_expert(transport: str, port: int, sizes: list[int], quick: bool) -> dict:
+    """Our expert path through `transport` ("ucx" or "grpc"): ExpertBatch in, output out."""
+    from services.transport.base import ExpertBatch, make_transport
 
     class Replica:
-        id, endpoints = "bench", {"ucx": f"127.0.0.1:{port}"}
+        id, endpoints = "bench", {transport: f"127.0.0.1:{port}"}
 
-    client = UcxTransport("fp32").connect(Replica())
+    client = make_transport(transport, "fp32").connect(Replica())
     rows = {}
     for size in sizes:
         streamed, trips = iterations(size, quick)
@@ -368,6 +386,10 @@ def print_table(results: dict[str, dict], reference: str, peer: str, sizes: list
             for n, r in results.items() if "idle_cpu" in r}
     idle.update({f"{n} (server)": r["idle_cpu_server"] for n, r in results.items() if "idle_cpu_server" in r})
     print("-- CPU-seconds per second while waiting: " + ", ".join(f"{n}: {v:.3f}" for n, v in idle.items()))
+    print_ratios(results, reference, peer, sizes)
+
+
+def print_ratios(results: dict[str, dict], reference: str, peer: str, sizes: list[int]) -> None:
     print(f"\n-- {reference} / {peer} (bandwidth ratio, >1 = {reference} faster; latency ratio, <1 = lower)")
     for size in sizes:
         ref, other = results[reference][size], results[peer][size]
@@ -393,6 +415,7 @@ def print_wire_bytes() -> None:
 
 
 OURS = "ucx expert (ours)"
+OURS_GRPC = "grpc expert (ours)"   # the same expert path over our gRPC transport: the fallback
 DEFAULT_UCX = {"UCXPY_PROGRESS_MODE": "thread", "UCXPY_ENABLE_PYTHON_FUTURE": "1"}   # UCXX asyncio's
 UCX_VARIANTS = {   # name -> environment; the first two run in --quick
     "ucxx thread+futures": DEFAULT_UCX,
@@ -428,10 +451,13 @@ def orchestrate(quick: bool, sizes: list[int]) -> None:
         role = "serve-ucx-address" if env.get("BENCH_BY_ADDRESS") else "serve-ucx"
         results[name] = _measure(role, "client-ucx", {**base_env, **env}, quick, sizes)
         print(f"measured {name}", flush=True)
+    results[OURS_GRPC] = _measure("serve-grpc-expert", "client-grpc-expert", {}, quick, sizes)
+    print(f"measured {OURS_GRPC}", flush=True)
     results["grpc bidi stream"] = _measure("serve-grpc", "client-grpc", {}, quick, sizes)
     results["torch copy_ (ceiling)"] = memcpy_rows(sizes, quick)
     print("note: the expert rows' bandwidth counts both directions (echo); round trip = submit -> result")
     print_table(results, OURS, "grpc bidi stream", sizes)
+    print_ratios(results, OURS, OURS_GRPC, sizes)
     print_wire_bytes()
 
 
@@ -454,12 +480,15 @@ def main() -> None:
         serve_ucx_raw(args.role == "serve-ucx-address")
     elif args.role == "serve-ucx-expert":
         serve_ucx_expert()
+    elif args.role == "serve-grpc-expert":
+        serve_grpc_expert()
     elif args.role == "serve-grpc":
         serve_grpc()
     else:
         clients = {
             "client-ucx": lambda: asyncio.run(_ucx_client(args.port, sizes, args.quick, by_address)),
-            "client-ucx-expert": lambda: client_ucx_expert(args.port, sizes, args.quick),
+            "client-ucx-expert": lambda: client_expert("ucx", args.port, sizes, args.quick),
+            "client-grpc-expert": lambda: client_expert("grpc", args.port, sizes, args.quick),
             "client-grpc": lambda: client_grpc(args.port, sizes, args.quick),
         }
         print(json.dumps(clients[args.role]()))
