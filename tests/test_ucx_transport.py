@@ -306,7 +306,6 @@ def test_closing_the_listener_fails_the_calls_it_was_serving():
         server.close()
 
 
-
 BUSY_MATMULS = 20   # large matmuls queued on the GPU ahead of a tensor that is then sent
 
 

@@ -193,10 +193,11 @@ class Dispatcher:
         where splitting it there would synchronise once per replica (nonzero, unique) and the
         transport once more per small section it copies into a message. The hidden states stay
         on their device; each replica's rows are gathered there."""
+        weights = weights.float()
         if ids.is_cuda:
-            ids, weights = ids.to("cpu", non_blocking=True), weights.float().to("cpu", non_blocking=True)
+            ids, weights = ids.to("cpu", non_blocking=True), weights.to("cpu", non_blocking=True)
             torch.cuda.current_stream(x.device).synchronize()
-        pending = Pending(layer, x, ids, weights.float())
+        pending = Pending(layer, x, ids, weights)
         self._send(pending, None)
         return pending
 
