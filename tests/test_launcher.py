@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from services.client import Client
-from services.launcher.cluster import expert_plane, split_experts
+from services.launcher.cluster import LocalCluster, expert_plane, split_experts, visible_gpus
 from services.launcher.processes import cluster_pids, pid_alive
 
 pytestmark = pytest.mark.cluster
@@ -30,6 +30,27 @@ def test_experts_split_evenly_and_replicas_of_a_shard_sit_on_different_planes():
     with pytest.raises(Exception, match="between 1 and"):
         split_experts(8, 9)
     assert [expert_plane(1, r, 2) for r in range(2)] == [1, 0]
+
+
+def test_on_cuda_each_shard_replica_and_worker_gets_the_next_gpu(v3_checkpoint, tmp_path):
+    """`--device cuda` spreads the model processes over the host's GPUs in turn (each sees one
+    through CUDA_VISIBLE_DEVICES); Redis, router and gateway need none, and CPU runs set none."""
+    path, _ = v3_checkpoint
+    cluster = LocalCluster(path, shards=2, replicas=2, attention_workers=2, device="cuda", gpus=["0", "1", "2"],
+                           run_dir=tmp_path)
+    placed = {name: proc.env.get("CUDA_VISIBLE_DEVICES") for name, proc in cluster.processes.items()}
+    assert placed == {"redis": None, "router": None, "shard-0-3.r0": "0", "shard-0-3.r1": "1", "shard-4-7.r0": "2",
+                      "shard-4-7.r1": "0", "attention-0": "1", "attention-1": "2", "gateway": None}
+    assert cluster.processes["shard-4-7.r1"].label.endswith("on GPU 0")
+    cpu = LocalCluster(path, shards=2, replicas=1, attention_workers=1, run_dir=tmp_path)
+    assert all(not proc.env for proc in cpu.processes.values())
+
+
+def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 5,GPU-8f3e")
+    assert visible_gpus() == ["2", "5", "GPU-8f3e"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus() == []
 
 
 def test_up_detach_status_down_leaves_no_process(v3_checkpoint, tmp_path):

@@ -27,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                             help="activation dtype on the wire [fp32 for fp32 models, else bf16]")
         parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                             help="compute dtype [the checkpoint's torch_dtype]")
-        parser.add_argument("--device", default="cpu", help="torch device of workers and shards [cpu]")
+        parser.add_argument("--device", default="cpu",
+                            help="torch device of workers and shards [cpu]; cuda gives each shard replica and "
+                                 "worker the next GPU in turn (of CUDA_VISIBLE_DEVICES, else all)")
         parser.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help=f"logs and cluster.json [{DEFAULT_RUN_DIR}]")
         parser.add_argument("--cluster", help="Redis key prefix [moe-<random>]")
         parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every process [300]")

@@ -67,6 +67,16 @@ def expert_plane(shard: int, replica: int, planes: int) -> int:
     return (shard + replica) % planes
 
 
+def visible_gpus() -> list[str]:
+    """GPU ids this host offers: CUDA_VISIBLE_DEVICES when set, else every GPU torch counts."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [gpu.strip() for gpu in listed.split(",") if gpu.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
 class LocalCluster:
     """Start, watch and stop a cluster of local processes (see the module docstring)."""
 
@@ -76,8 +86,12 @@ class LocalCluster:
                  extra_env: dict[str, str] | None = None, *, gateway_port: int = 0, device: str = "cpu",
                  extra_args: dict[str, list[str]] | None = None, cluster: str | None = None,
                  log_level: str = "info", ready_timeout: float = DEFAULT_READY_TIMEOUT_S,
-                 stop_timeout: float = DEFAULT_STOP_TIMEOUT_S, progress: Callable[[str], None] | None = None) -> None:
-        """extra_args: more flags per process name or per kind (appended last, so they win)."""
+                 stop_timeout: float = DEFAULT_STOP_TIMEOUT_S, progress: Callable[[str], None] | None = None,
+                 gpus: list[str] | None = None) -> None:
+        """extra_args: more flags per process name or per kind (appended last, so they win).
+        gpus: with device "cuda", the GPU ids the shard replicas and attention workers are spread
+        over, one per process in turn (CUDA_VISIBLE_DEVICES of each); default: the launcher's
+        CUDA_VISIBLE_DEVICES, else every GPU the host has."""
         if replicas < 1 or attention_workers < 1 or planes < 1:
             raise ClusterError("--replicas, --attention-workers and --planes must each be >= 1")
         if transport not in ("grpc", "ucx"):
@@ -95,6 +109,7 @@ class LocalCluster:
         self.ready_timeout = ready_timeout
         self.stop_timeout = stop_timeout
         self.progress = progress or (lambda line: None)
+        self.gpus = (visible_gpus() if gpus is None else list(gpus)) if device == "cuda" else []
         self.gateway_port = gateway_port
         self.processes: dict[str, ManagedProcess] = {}
         self.detached = False
@@ -132,6 +147,15 @@ class LocalCluster:
             out = ["--model", str(self.model_dir), "--device", self.device]
             return out + (["--dtype", self.dtype] if self.dtype else [])
 
+        placed = iter(range(self.shards * self.replicas + self.attention_workers)).__next__
+
+        def on_gpu(label: str) -> tuple[str, dict[str, str]]:
+            """The next model process's GPU (round robin), as a label suffix and its environment."""
+            if not self.gpus:
+                return label, {}
+            gpu = self.gpus[placed() % len(self.gpus)]
+            return f"{label} on GPU {gpu}", {"CUDA_VISIBLE_DEVICES": gpu}
+
         redis_port = take()
         self._add(ManagedProcess("redis", "redis", "redis", self._redis_cmd(redis_port), redis_port,
                                  logs / "redis.log"))
@@ -149,9 +173,10 @@ class LocalCluster:
                 cmd = py + ["services.expert"] + weights() + common(name, port, metrics) + [
                     "--experts", f"{first}-{last}", "--shard", shard, "--replica-id", name,
                     "--plane", str(plane), "--ucx-port", str(ucx)]
-                self._add(ManagedProcess(name, "expert", f"expert {shard} replica {r + 1}/{self.replicas}", cmd,
-                                         port, logs / f"{name}.log", metrics, replica_id=name, plane=plane,
-                                         shard=shard, experts=f"{first}-{last}", ucx_port=ucx))
+                label, env = on_gpu(f"expert {shard} replica {r + 1}/{self.replicas}")
+                self._add(ManagedProcess(name, "expert", label, cmd, port, logs / f"{name}.log", metrics,
+                                         replica_id=name, plane=plane, shard=shard, experts=f"{first}-{last}",
+                                         ucx_port=ucx, env=env))
         for w in range(self.attention_workers):
             name = f"attention-{w}"
             port, metrics = take(), take()
@@ -160,8 +185,9 @@ class LocalCluster:
                 "--replica-id", name, "--plane", str(plane), "--transport", self.transport]
             if self.dispatch_dtype:
                 cmd += ["--dispatch-dtype", self.dispatch_dtype]
-            self._add(ManagedProcess(name, "attention", f"attention worker {w + 1}/{self.attention_workers}", cmd,
-                                     port, logs / f"{name}.log", metrics, replica_id=name, plane=plane))
+            label, env = on_gpu(f"attention worker {w + 1}/{self.attention_workers}")
+            self._add(ManagedProcess(name, "attention", label, cmd, port, logs / f"{name}.log", metrics,
+                                     replica_id=name, plane=plane, env=env))
         port, metrics = self.gateway_port or take(), take()
         self._add(ManagedProcess("gateway", "gateway", "gateway", py + ["services.gateway"] + common("gateway", port, metrics),
                                  port, logs / "gateway.log", metrics))
@@ -258,7 +284,8 @@ class LocalCluster:
             log.write(f"---- start {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(proc.cmd)}\n".encode())
             log.flush()
             proc.popen = subprocess.Popen(proc.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          cwd=str(REPO_ROOT), env=self._env(), start_new_session=True)
+                                          cwd=str(REPO_ROOT), env={**self._env(), **proc.env},
+                                          start_new_session=True)
         proc.pid = proc.popen.pid
         if self._started:
             self._write_state(self._status)  # a launcher killed mid-start still leaves its PIDs
