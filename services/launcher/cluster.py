@@ -18,6 +18,7 @@ stopped and ClusterError names the culprit with the tail of its log.
 from __future__ import annotations
 
 import atexit
+import itertools
 import json
 import os
 import secrets
@@ -147,13 +148,13 @@ class LocalCluster:
             out = ["--model", str(self.model_dir), "--device", self.device]
             return out + (["--dtype", self.dtype] if self.dtype else [])
 
-        placed = iter(range(self.shards * self.replicas + self.attention_workers)).__next__
+        placed = itertools.count()  # model processes given a GPU so far
 
         def on_gpu(label: str) -> tuple[str, dict[str, str]]:
             """The next model process's GPU (round robin), as a label suffix and its environment."""
             if not self.gpus:
                 return label, {}
-            gpu = self.gpus[placed() % len(self.gpus)]
+            gpu = self.gpus[next(placed) % len(self.gpus)]
             return f"{label} on GPU {gpu}", {"CUDA_VISIBLE_DEVICES": gpu}
 
         redis_port = take()
