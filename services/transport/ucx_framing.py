@@ -11,9 +11,9 @@ of `reply_head_size` bytes for it.
 
 Tags (64 bits): link << 32 | direction << 31 | part << 24 | sequence mod 2^24. `link` is a random
 id the connecting side picks per endpoint and sends first over UCX's stream API, with the link's
-inline limit (the hello: two little-endian u64); UCX matches tags per worker, not per endpoint, so the link keeps one listener's
-endpoints (and a client and a listener sharing a process) apart. Part 0 is the head, part i the
-i-th tail. The listener probes for request heads with HEAD_MASK (any link, any sequence) and
+inline limit (the hello: two little-endian u64); UCX matches tags per worker, not per endpoint,
+so the link keeps one listener's endpoints (and a client and a listener sharing a process)
+apart. Part 0 is the head, part i the i-th tail. The listener probes for request heads with HEAD_MASK (any link, any sequence) and
 finds the peer by the link; every other message has its own exact tag, so frames sent
 concurrently from several threads may interleave on the wire, and a requester posts the receives
 for a reply before the reply exists.

@@ -11,10 +11,10 @@ work on the caller's thread: it encodes (dtype conversion / FP8 quantisation in 
 callers), then, under the runtime's `ucx` lock, posts the frame's sends and then the receives for
 the reply (the replica starts on the request meanwhile); a small send completes inside that call,
 and a receive is picked up by whichever thread the reply wakes, so the progress thread is not
-woken for either. The caller waiting on the future (`result()`) receives the reply itself: it drives progress
-while it waits (UcxRuntime.wait), so the reply wakes only that thread; callers waiting while
-another one drives get their futures completed by it, and the progress thread handles what
-arrives while nobody waits.
+woken for either. The caller waiting on the future (`result()`) receives the reply itself: it
+drives progress while it waits (UcxRuntime.wait), so the reply wakes only that thread; callers
+waiting while another one drives get their futures completed by it, and the progress thread
+handles what arrives while nobody waits.
 
 Failure: each connection keeps one timer on the progress thread, at its earliest deadline; an
 endpoint error (peer killed, connection reset), a receive error or the timer fails the future
