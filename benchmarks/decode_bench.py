@@ -10,6 +10,7 @@ machine slows every contender alike instead of whichever happened to run at that
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tempfile
 import time
@@ -34,8 +35,8 @@ BENCH_CONFIG = dict(
 PROMPT_LEN = 32
 
 
-def time_ours(model, batch: int, new_tokens: int) -> float:
-    engine = Engine(model, cache_tokens=batch * (PROMPT_LEN + new_tokens + 16), max_batch=batch)
+def time_ours(model, batch: int, new_tokens: int, compile_cpu: bool = False) -> float:
+    engine = Engine(model, cache_tokens=batch * (PROMPT_LEN + new_tokens + 16), max_batch=batch, compile_cpu=compile_cpu)
     prompts = [tuple((i * 7 + j) % 8000 for j in range(PROMPT_LEN)) for i in range(batch)]
     start = time.perf_counter()
     engine.generate([GenerationRequest(p, new_tokens) for p in prompts])
@@ -70,6 +71,7 @@ def main() -> int:
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--eager-only", action="store_true", help="skip the compiled contenders (~20 s of compiling per bucket)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     dtypes = args.dtypes.split(",")
@@ -77,15 +79,15 @@ def main() -> int:
         hf = make_checkpoint(Path(tmp), "v3", seed=0, **BENCH_CONFIG)
         ours = {dtype: load_model(tmp, dtype=dtype) for dtype in dtypes}
     contenders = {"transformers float32": (time_transformers, hf)}
-    # every variant of ours runs eagerly: torch.compile (inductor, CPU) made the step ~9x slower
-    # here and took ~100 s per (batch, context) bucket to compile on 2 cores
     contenders.update({f"ours {dtype} eager": (time_ours, model) for dtype, model in ours.items()})
+    compiled = {f"ours {dtype} compiled": (functools.partial(time_ours, compile_cpu=True), model) for dtype, model in ours.items()}
     params = sum(p.numel() for p in hf.parameters())
     print(f"model: {params / 1e6:.1f}M parameters; prompt {PROMPT_LEN}; {torch.get_num_threads()} threads; "
           f"best of {args.rounds} interleaved rounds")
     print(f"{'batch':>5} {'contender (weights dtype)':<28} {'ms/step':>9} {'tok/s':>7} {'vs transformers':>16}")
     for batch in [int(b) for b in args.batches.split(",")]:
-        times = per_step(contenders, batch, args.steps, args.rounds)
+        # compiled decode steps serve up to 4 sequences (CompiledDecoder); larger ones run eagerly
+        times = per_step(contenders | (compiled if batch <= 4 and not args.eager_only else {}), batch, args.steps, args.rounds)
         theirs = times["transformers float32"]
         for name, t in times.items():
             print(f"{batch:>5} {name:<28} {t * 1e3:>9.2f} {batch / t:>7.0f} {theirs / t:>15.2f}x")

@@ -25,7 +25,6 @@ import time
 import torch
 
 from model.kv_cache import LatentKVCache
-from model.moe import ExpertBank, MoE
 from model.transformer import Block, Transformer
 
 log = logging.getLogger("moe.model")
@@ -52,17 +51,16 @@ class GraphDecoder:
             compile_layers = can_compile()
         self.run_block = compiled_block_forward() if compile_layers else None
         self.device = cache.pool.device
+        model.prepare_decode()  # the compiled layers read the absorbed weights, not rebuild them
         self.context_buckets = tuple(min_context << i for i in range(32) if min_context << i < 2 * cache.capacity_tokens)
         cache.allocate(SCRATCH, cache.block_size)
         self.scratch_slot = int(cache.slots(SCRATCH, 0, 1)[0])
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle()  # all buckets share one memory pool
 
-    @staticmethod
-    def supports(model: Transformer) -> bool:
-        """Only in-process expert banks can be captured: a remote `experts` (network dispatch)
-        runs eagerly. Checked per step, since a worker installs its remote experts after load."""
-        return all(isinstance(getattr(block.ffn, "experts", None), ExpertBank) for block in model.layers if isinstance(block.ffn, MoE))
+    def handles(self, n: int) -> bool:
+        """Whether a decode step of n sequences replays a graph: when the experts are in process."""
+        return self.model.experts_in_process
 
     def _static_inputs(self, B: int, T: int) -> dict[str, torch.Tensor]:
         bias = torch.full((B, 1, T), float("-inf"), dtype=self.model.attention_dtype, device=self.device)

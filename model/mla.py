@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
-from model.layers import RMSNorm, rotate
+from model.layers import Linear, RMSNorm, rotate
 
 
 class MLA(nn.Module):
@@ -32,15 +32,15 @@ class MLA(nn.Module):
         self.softmax_scale = cfg.softmax_scale
         qk_head_dim = cfg.qk_head_dim
         if cfg.q_lora_rank is None:
-            self.wq = nn.Linear(cfg.hidden_size, self.n_heads * qk_head_dim, bias=False)
+            self.wq = Linear(cfg.hidden_size, self.n_heads * qk_head_dim, bias=False)
         else:
-            self.wq_a = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
+            self.wq_a = Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
             self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-            self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * qk_head_dim, bias=False)
-        self.wkv_a = nn.Linear(cfg.hidden_size, cfg.kv_lora_rank + self.rope_dim, bias=False)
+            self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * qk_head_dim, bias=False)
+        self.wkv_a = Linear(cfg.hidden_size, cfg.kv_lora_rank + self.rope_dim, bias=False)
         self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
-        self.wkv_b = nn.Linear(cfg.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
-        self.wo = nn.Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=False)
+        self.wkv_b = Linear(cfg.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.wo = Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=False)
         self._absorbed_key: tuple | None = None  # see absorbed_weights
 
     def _queries(self, x: torch.Tensor, rot: torch.Tensor):
@@ -65,13 +65,19 @@ class MLA(nn.Module):
     def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_UK [H, nope, C], W_UV^T [H, C, v]) contiguous in `dtype`, rebuilt only when wkv_b
         changes (new tensor or in-place write), so a decode step does no per-layer re-layout."""
+        if torch.compiler.is_compiling():
+            # traced once per compiled graph; decoders warm the cache first (`Transformer.prepare_decode`)
+            return self._absorbed if self._absorbed_key is not None else self._absorb(dtype)
         w = self.wkv_b.weight
         key = (w.data_ptr(), w._version, dtype, w.device)
         if self._absorbed_key != key:
-            w_uk, w_uv = self._split_wkv_b()
-            self._absorbed = (w_uk.to(dtype).contiguous(), w_uv.transpose(1, 2).to(dtype).contiguous())
+            self._absorbed = self._absorb(dtype)
             self._absorbed_key = key
         return self._absorbed
+
+    def _absorb(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        w_uk, w_uv = self._split_wkv_b()
+        return w_uk.to(dtype).contiguous(), w_uv.transpose(1, 2).to(dtype).contiguous()
 
     def forward_naive(self, x: torch.Tensor, rot: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         """Prefill of fresh sequences: attend causally among the S new tokens.

@@ -9,7 +9,7 @@ from model.config import ModelConfig
 from model.kv_cache import LatentKVCache
 from model.layers import MLP, LMHead, RMSNorm, RotaryEmbedding
 from model.mla import MLA
-from model.moe import MoE
+from model.moe import ExpertBank, MoE
 
 
 def attention_dtype(param_dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -34,22 +34,25 @@ class Block(nn.Module):
         x: torch.Tensor,
         rot: torch.Tensor,
         cache: torch.Tensor,
-        write_slots: torch.Tensor,
-        context: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> torch.Tensor:
+        context: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [B, S, D]; rot: [B, S, R, R] rotary matrices of the new positions; cache: this
-        layer's pool [N, C+R]; write_slots: [B, S] where the new latents go; context: None for
-        fresh prefill, else ([B, T] slot ids, [B, S, T] additive mask in the attention dtype)."""
+        layer's pool [N, C+R], only read; context: None for fresh prefill, else ([B, T] slot ids,
+        [B, S, T] additive mask in the attention dtype, [B, S] where the new tokens sit in T).
+        Returns (x [B, S, D], the new tokens' latents [B, S, C+R] for the caller to store): a
+        block that never writes the pool compiles into a graph that does not copy it."""
         h = self.attn_norm(x)
-        latent = self.attn.latents(h, rot)  # [B, S, C+R]
-        cache[write_slots] = latent.to(cache.dtype)
+        latent = self.attn.latents(h, rot).to(cache.dtype)  # [B, S, C+R]
         if context is None:
             a = self.attn.forward_naive(h, rot, latent)
         else:
-            index, bias = context
-            a = self.attn.forward_absorbed(h, rot, cache[index].to(bias.dtype), bias)
+            index, bias, new_at = context
+            # index_select, not cache[index]: advanced indexing gathers these rows ~4x slower on CPU
+            past = cache.index_select(0, index.reshape(-1)).view(*index.shape, -1)  # [B, T, C+R]
+            past.scatter_(1, new_at[..., None].expand_as(latent), latent)
+            a = self.attn.forward_absorbed(h, rot, past.to(bias.dtype), bias)
         x = x + a
-        return x + self.ffn(self.ffn_norm(x))
+        return x + self.ffn(self.ffn_norm(x)), latent
 
 
 class Transformer(nn.Module):
@@ -71,17 +74,40 @@ class Transformer(nn.Module):
         p = self.head.weight
         return attention_dtype(p.dtype, p.device)
 
-    def _run(self, tokens, positions, pool: torch.Tensor, write_slots, context, all_logits: bool, run_block=None) -> torch.Tensor:
-        """pool: [L, N, C+R] latent cache; run_block(block, x, ...) replaces `block(x, ...)`
-        (a compiled `Block.forward`); the rest as in `Block.forward`."""
+    @property
+    def experts_in_process(self) -> bool:
+        """Whether every MoE block holds its routed experts here (an `ExpertBank`), rather than
+        dispatching to remote shards: only then does a decode step fit in one graph. Checked
+        per step, since an attention worker installs its remote experts after load."""
+        return all(isinstance(block.ffn.experts, ExpertBank) for block in self.layers if isinstance(block.ffn, MoE))
+
+    def prepare_decode(self) -> None:
+        """Build what the absorbed path caches per layer, so that a graph built after this
+        (captured or compiled) reads it instead of rebuilding it every step."""
+        for block in self.layers:
+            block.attn.absorbed_weights(self.attention_dtype)
+
+    def forward_pure(self, tokens, positions, pool: torch.Tensor, context, all_logits: bool, run_block=None):
+        """The forward pass without side effects: tokens [B, S] at positions [B, S] ->
+        (logits [B, S or 1, V] fp32, latents [L, B, S, C+R] of the new tokens, to be stored at
+        their slots). pool: [L, N, C+R] latent cache, only read; context as in `Block.forward`;
+        run_block(block, x, ...) replaces `block(x, ...)` (a compiled `Block.forward`)."""
         x = self.embed(tokens)
         rot = self.rotary.rotation(positions)  # [B, S, R, R], shared by every layer
+        latents = []
         for block in self.layers:
-            args = (x, rot, pool[block.layer], write_slots, context)
-            x = block(*args) if run_block is None else run_block(block, *args)
+            args = (x, rot, pool[block.layer], context)
+            x, latent = block(*args) if run_block is None else run_block(block, *args)
+            latents.append(latent)
         if not all_logits:
             x = x[:, -1:]
-        return self.head(self.norm(x))  # fp32
+        return self.head(self.norm(x)), torch.stack(latents)
+
+    def _run(self, tokens, positions, pool, write_slots, context, all_logits: bool, run_block=None) -> torch.Tensor:
+        """`forward_pure`, then the new latents stored at write_slots [B, S]."""
+        logits, latents = self.forward_pure(tokens, positions, pool, context, all_logits, run_block)
+        store_latents(pool, write_slots, latents)
+        return logits
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, cache: LatentKVCache, seq: object, all_logits: bool = False) -> torch.Tensor:
@@ -105,7 +131,7 @@ class Transformer(nn.Module):
         allowed = torch.ones(S, start + S, dtype=torch.bool, device=tokens.device).tril(start)
         bias = torch.zeros(1, S, start + S, dtype=self.attention_dtype, device=tokens.device)
         bias.masked_fill_(~allowed, float("-inf"))  # [1, S, T]
-        return self._run(tokens[None], positions, cache.pool, write_slots, (index, bias), all_logits)[0]
+        return self._run(tokens[None], positions, cache.pool, write_slots, (index, bias, positions), all_logits)[0]
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, cache: LatentKVCache, seqs: list[object], lengths: list[int]) -> torch.Tensor:
@@ -123,4 +149,17 @@ class Transformer(nn.Module):
     def decode_step(self, tokens, positions, pool, write_slots, index, bias, run_block=None) -> torch.Tensor:
         """The decode step on tensors alone (what a CUDA graph captures): tokens [B], positions
         [B, 1], pool [L, N, C+R], write_slots [B, 1], index [B, T], bias [B, 1, T] -> logits [B, V]."""
-        return self._run(tokens[:, None], positions, pool, write_slots, (index, bias), False, run_block)[:, 0]
+        logits, latents = self.decode_pure(tokens, positions, pool, index, bias, run_block)
+        store_latents(pool, write_slots, latents)
+        return logits
+
+    def decode_pure(self, tokens, positions, pool, index, bias, run_block=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`decode_step` without storing: -> (logits [B, V], latents [L, B, 1, C+R]); what a CPU
+        decoder compiles (see model/compiled_decode.py)."""
+        logits, latents = self.forward_pure(tokens[:, None], positions, pool, (index, bias, positions), False, run_block)
+        return logits[:, 0], latents
+
+
+def store_latents(pool: torch.Tensor, slots: torch.Tensor, latents: torch.Tensor) -> None:
+    """pool [L, N, C+R]; slots [B, S]; latents [L, B, S, C+R]: every layer's new latents in one copy."""
+    pool.index_copy_(1, slots.reshape(-1), latents.flatten(1, 2))

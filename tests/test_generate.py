@@ -9,7 +9,7 @@ import torch
 
 from model.checkpoint import load_model
 from model.errors import InputError
-from model.generate import Engine, GenerationRequest, SamplingParams, sample
+from model.generate import Engine, GenerationRequest, SamplingParams, sample, sample_rows
 from model.kv_cache import CacheFull
 from services.cli import main as moe
 
@@ -35,6 +35,19 @@ def test_top_k_one_is_greedy_and_top_p_keeps_the_nucleus():
     assert {sample(logits, SamplingParams(1.0, top_k=1), g)[0] for _ in range(20)} == {1}
     # top-2 mass after softmax is ~0.84: top_p 0.8 keeps tokens 1 and 3 only
     assert {sample(logits, SamplingParams(1.0, top_p=0.8), g)[0] for _ in range(200)} == {1, 3}
+
+
+def test_a_batch_of_rows_samples_each_row_as_it_would_alone():
+    logits = torch.randn(5, 64, generator=torch.Generator().manual_seed(3)) * 4
+    logits[3, 10] = logits[3].max() + 1  # a clear winner where greedy must pick it
+    rows = [SamplingParams(), SamplingParams(0.7, seed=5), SamplingParams(), SamplingParams(), SamplingParams(1.0, 0.9, 8, seed=6)]
+    generators = lambda: [torch.Generator().manual_seed(p.seed) if p.temperature else None for p in rows]  # noqa: E731
+    picked = sample_rows(logits, list(zip(rows, generators())))
+    alone = [sample(logits[i], p, g) for i, (p, g) in enumerate(zip(rows, generators()))]
+    assert [t for t, _ in picked] == [t for t, _ in alone]
+    assert [lp for _, lp in picked] == pytest.approx([lp for _, lp in alone], abs=1e-6)
+    assert picked[3][0] == 10
+    assert [picked[i][0] for i in (0, 2, 3)] == logits[[0, 2, 3]].argmax(-1).tolist()
 
 
 def test_logprob_is_under_the_unmodified_model():

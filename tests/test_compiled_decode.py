@@ -1,0 +1,62 @@
+"""CPU decode steps compiled by torch.compile (`CompiledDecoder`): the same tokens and logprobs
+as the eager generator while requests join and leave and contexts grow."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.compiled_decode import CompiledDecoder
+from model.checkpoint import load_model
+from model.generate import Engine, GenerationRequest, SamplingParams
+
+pytestmark = pytest.mark.skipif(not CompiledDecoder.available(), reason="needs a C++ compiler for inductor")
+
+# (step at which the request joins, request): one sequence, then two, then three, then one again
+SCHEDULE = [
+    (0, GenerationRequest((3, 1, 4, 1), 22)),
+    (3, GenerationRequest((5, 9, 2, 6, 5, 3), 12)),
+    (6, GenerationRequest((5, 8, 9), 10, SamplingParams(0.8, top_p=0.9, seed=11))),
+]
+
+
+def run(engine: Engine) -> list:
+    seqs, step = [], 0
+    while step == 0 or not engine.idle:
+        seqs += [engine.add(request) for at, request in SCHEDULE if at == step]
+        engine.step()
+        step += 1
+    return seqs
+
+
+def test_compiled_steps_give_the_eager_tokens_and_logprobs(v3_checkpoint):
+    eager = run(Engine(load_model(v3_checkpoint[0]), cache_tokens=512))
+    engine = Engine(load_model(v3_checkpoint[0]), cache_tokens=512)
+    engine.graphs = CompiledDecoder(engine.model, engine.cache)
+    calls = []
+    step = engine.graphs.step
+    engine.graphs.step = lambda *args: calls.append(args[1].shape[0]) or step(*args)
+    compiled = run(engine)
+    for ours, reference in zip(compiled, eager):
+        assert ours.tokens == reference.tokens
+        assert ours.logprobs == pytest.approx(reference.logprobs, abs=1e-4)
+    # every decode step went through the compiled graphs, for one sequence and for several
+    assert sorted(set(calls)) == [1, 2, 3]
+    assert sum(calls) == sum(len(seq.tokens) - 1 for seq in compiled)  # all tokens after the prefill's
+    assert engine.graphs.compiled == {True, False}
+
+
+def test_larger_batches_and_remote_experts_stay_eager(v3_checkpoint):
+    engine = Engine(load_model(v3_checkpoint[0]), cache_tokens=512)
+    decoder = CompiledDecoder(engine.model, engine.cache)  # compiles nothing until a step
+    assert decoder.handles(4) and not decoder.handles(5)
+    engine.model.layers[-1].ffn.experts = torch.nn.Identity()  # stands in for a remote dispatcher
+    assert not decoder.handles(1)
+
+
+def test_engine_asks_for_a_compiler_only_when_compiling(v3_checkpoint, monkeypatch):
+    model = load_model(v3_checkpoint[0])
+    monkeypatch.setattr(CompiledDecoder, "available", staticmethod(lambda: False))
+    with pytest.raises(ValueError, match="C\\+\\+ compiler"):
+        Engine(model, cache_tokens=512, compile_cpu=True)
+    assert Engine(model, cache_tokens=512).graphs is None
