@@ -2,7 +2,9 @@
 same machine, same run. Start-up and prefill are excluded: each side is timed for N and 2N new
 tokens and the difference divided by N gives the per-step decode time. The contenders run
 interleaved, round after round, and each keeps its best round, so a noisy neighbour on a shared
-machine slows every contender alike instead of whichever happened to run at that moment.
+machine slows every contender alike instead of whichever happened to run at that moment. Ours runs
+eagerly and, for batches of up to 4, also through compiled decode steps (`Engine(compile_cpu=True)`;
+compiling happens in the warm-up, outside the timed runs).
 
     python benchmarks/decode_bench.py [--dtypes float32,bfloat16] [--batches 1,16] [--steps 32]
 """
