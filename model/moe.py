@@ -68,16 +68,11 @@ class Gate(nn.Module):
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """a: [M, K] rows grouped; b: [G, K, N]; offsets: [G] int32 end row of each group -> [M, N]
     (rows past offsets[-1] are left undefined). One kernel for all groups on Hopper (bf16);
-    elsewhere each row is multiplied by its group's weight: eagerly a gather of those weights
-    + bmm, slow but just as sync-free (on CPU still ~30x faster than _grouped_mm, a reference
-    loop there); in a compiled CPU graph a product summed over K, which inductor fuses into one
-    kernel that streams each row's weight once without gathering it."""
+    elsewhere a gather of each row's weight + bmm: slow but just as sync-free (on CPU still
+    ~30x faster than _grouped_mm, a reference loop there)."""
     if not (a.is_cuda and a.dtype == torch.bfloat16):
         group = torch.searchsorted(offsets, torch.arange(a.shape[0], device=a.device, dtype=torch.int32), right=True)
-        weights = b[group.clamp(max=b.shape[0] - 1)]  # [M, K, N]
-        if torch.compiler.is_compiling() and not a.is_cuda:
-            return (weights.float() * a[:, :, None].float()).sum(1).to(a.dtype)
-        return torch.bmm(a[:, None, :], weights).squeeze(1)
+        return torch.bmm(a[:, None, :], b[group.clamp(max=b.shape[0] - 1)]).squeeze(1)
     fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
     return fn(a, b, offs=offsets)
 
@@ -188,11 +183,26 @@ class ExpertBank(nn.Module):
 
         Returns [T, D] = sum over held slots of weight * expert(x), accumulated in fp32.
         `grouped` picks one grouped GEMM over all experts (no host sync, fixed shapes: what a
-        CUDA graph or a compiled graph needs); otherwise the pairs are sorted by expert on the host and only the
+        CUDA graph needs); a compiled CPU graph multiplies pair by pair (`_forward_pairs`); otherwise the pairs are sorted by expert on the host and only the
         experts that received tokens run (CPU: grouped GEMM has no fast kernel there).
         """
-        grouped = (x.is_cuda or torch.compiler.is_compiling()) if self.grouped is None else self.grouped
+        if self.grouped is None and not x.is_cuda and torch.compiler.is_compiling():
+            return self._forward_pairs(x, ids, weights)
+        grouped = x.is_cuda if self.grouped is None else self.grouped
         return self._forward_grouped(x, ids, weights) if grouped else self._forward_sorted(x, ids, weights)
+
+    def _forward_pairs(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Every (token, expert) pair multiplied by its expert's weights as a product summed over
+        the input dimension, with no sorting or grouping: in a compiled CPU graph each projection
+        becomes one kernel that streams each pair's weights without gathering them (what a
+        decode step of a few tokens wants: its pairs rarely share an expert)."""
+        slots = self.slot_of[ids.long()]  # [T, K] local slot or -1
+        take = slots.clamp(min=0)
+        gate_up = (self.w13[take].float() * x[:, None, None, :].float()).sum(-1)  # [T, K, 2I]
+        act = F.silu(gate_up[..., : self.inter_dim]) * gate_up[..., self.inter_dim :]  # [T, K, I]
+        ys = (self.w2[take].float() * act[..., None, :]).sum(-1)  # [T, K, D]
+        w = torch.where(slots >= 0, weights.float(), 0.0)  # pairs of experts not held add nothing
+        return (ys * w[..., None]).sum(1).to(x.dtype)
 
     def _forward_sorted(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         T, K = ids.shape
