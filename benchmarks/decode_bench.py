@@ -73,7 +73,7 @@ def main() -> int:
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--eager-only", action="store_true", help="skip the compiled contenders (~20 s of compiling per bucket)")
+    parser.add_argument("--eager-only", action="store_true", help="skip the compiled contenders (~20 s of compiling each)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     dtypes = args.dtypes.split(",")

@@ -134,12 +134,17 @@ def can_compile() -> bool:
 @functools.cache
 def compiled_block_forward():
     """`Block.forward` compiled for static shapes, one per process so that every decoder reuses
-    what others compiled. Dynamo keys its cache on the function, so every bucket x layer kind x
-    weight dtype adds an entry: the default limit of 8 would silently send later buckets back to
+    what others compiled; every bucket x layer kind x weight dtype is an entry of its own."""
+    raise_recompile_limit()
+    return torch.compile(Block.forward, dynamic=False)
+
+
+def raise_recompile_limit() -> None:
+    """Dynamo keys its cache on the compiled function, one entry per guarded variant (shape
+    bucket, layer kind, model): the default limit of 8 would silently send later ones back to
     eager code."""
     import torch._dynamo
 
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, name, max(getattr(config, name), 1024))
-    return torch.compile(Block.forward, dynamic=False)
