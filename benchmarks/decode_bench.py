@@ -3,7 +3,7 @@ same machine, same run. Start-up and prefill are excluded: each side is timed fo
 tokens and the difference divided by N gives the per-step decode time. The contenders run
 interleaved, round after round, and each keeps its best round, so a noisy neighbour on a shared
 machine slows every contender alike instead of whichever happened to run at that moment. Ours runs
-eagerly and, for batches of up to 4, also through compiled decode steps (`Engine(compile_cpu=True)`;
+eagerly and, for batches of up to 16, also through compiled decode steps (`Engine(compile_cpu=True)`;
 compiling happens in the warm-up, outside the timed runs).
 
     python benchmarks/decode_bench.py [--dtypes float32,bfloat16] [--batches 1,16] [--steps 32]
@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from checkpoints import make_checkpoint  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
+from model.compiled_decode import COMPILED_BATCH  # noqa: E402
 from model.generate import Engine, GenerationRequest  # noqa: E402
 
 # ~45M parameters, V3-style: sigmoid routing with groups, YaRN, q_lora.
@@ -88,8 +89,9 @@ def main() -> int:
           f"best of {args.rounds} interleaved rounds")
     print(f"{'batch':>5} {'contender (weights dtype)':<28} {'ms/step':>9} {'tok/s':>7} {'vs transformers':>16}")
     for batch in [int(b) for b in args.batches.split(",")]:
-        # compiled decode steps serve up to 4 sequences (CompiledDecoder); larger ones run eagerly
-        times = per_step(contenders | (compiled if batch <= 4 and not args.eager_only else {}), batch, args.steps, args.rounds)
+        # compiled decode steps serve up to COMPILED_BATCH sequences; larger ones run eagerly
+        times = per_step(contenders | (compiled if batch <= COMPILED_BATCH and not args.eager_only else {}),
+                         batch, args.steps, args.rounds)
         theirs = times["transformers float32"]
         for name, t in times.items():
             print(f"{batch:>5} {name:<28} {t * 1e3:>9.2f} {batch / t:>7.0f} {theirs / t:>15.2f}x")

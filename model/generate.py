@@ -137,9 +137,10 @@ class Engine:
         self, model: Transformer, cache_tokens: int = 16384, max_batch: int = 64, cuda_graphs: bool = True, compile_cpu: bool = False
     ):
         """On CUDA, decode steps replay captured graphs (prefill stays eager) while the routed
-        experts are local. With `compile_cpu`, CPU decode steps of up to 4 sequences run a graph
-        compiled by torch.compile (`CompiledDecoder`: ~2x faster at batch 1, after ~20 s of
-        compiling on first use, so it suits long-running generators). Otherwise, and with remote
+        experts are local. With `compile_cpu`, CPU decode steps of up to 16 sequences run graphs
+        compiled by torch.compile (`CompiledDecoder`: ~2x faster at batch 1 and ~1.4x at batch
+        16, after ~20-30 s of compiling per graph on first use, so it suits long-running
+        generators). Otherwise, and with remote
         experts, decode runs eagerly."""
         self.model = model
         self.cfg = model.cfg
