@@ -4,13 +4,14 @@ A small CPU decode step is bound by dispatching ~600 tensor ops of a few microse
 by weight reads that MKL's small-M GEMMs stream at ~11 GB/s here. In the compiled graph the
 small ops fuse, and every weight is multiplied as a product summed over its input dimension
 (`Linear` for up to 4 rows, and `ExpertBank._forward_pairs` for the routed experts, where each
-(token, expert) pair streams its expert's weights without gathering or sorting them), which
-inductor turns into kernels streaming weights at 20-33 GB/s on the same machine. Batch 1
+(token, expert) pair streams its expert's weights without gathering them, the pairs sorted by
+expert past 4 tokens), which inductor turns into kernels streaming weights at 20-33 GB/s on the
+same machine. Batch 1
 decodes ~2x faster than eagerly.
 
 The graph for more than 4 sequences is compiled with inductor's freezing: weights become
 constants of the graph, and its linears run on oneDNN-packed copies (~1.5x MKL's throughput for
-16 rows here). A batch-16 step runs ~1.3x faster than eagerly, although each (token, expert)
+16 rows here). A batch-16 step runs 1.3-1.5x faster than eagerly, although each (token, expert)
 pair re-reads its expert's weights. Frozen weights are read once, at compile time: a model whose
 weights change afterwards needs a new Engine.
 
