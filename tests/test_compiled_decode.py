@@ -3,10 +3,13 @@ as the eager generator while requests join and leave and contexts grow."""
 
 from __future__ import annotations
 
+from itertools import chain
+
 import pytest
 import torch
+from checkpoints import make_checkpoint
 
-from model.compiled_decode import CompiledDecoder
+from model.compiled_decode import CompiledDecoder, compiled_steps
 from model.checkpoint import load_model
 from model.generate import Engine, GenerationRequest, SamplingParams
 
@@ -24,30 +27,40 @@ SCHEDULE = [
 ]
 
 
-def run(engine: Engine) -> list:
-    seqs, step = [], 0
-    while step == 0 or not engine.idle:
-        seqs += [engine.add(request) for at, request in SCHEDULE if at == step]
-        engine.step()
+def run(*engines: Engine) -> list[list]:
+    """Steps the engines in turn, each through SCHEDULE -> each engine's sequences."""
+    seqs, step = [[] for _ in engines], 0
+    while step == 0 or not all(engine.idle for engine in engines):
+        for engine, own in zip(engines, seqs):
+            own += [engine.add(request) for at, request in SCHEDULE if at == step]
+            engine.step()
         step += 1
     return seqs
 
 
-def test_compiled_steps_give_the_eager_tokens_and_logprobs(v3_checkpoint):
-    eager = run(Engine(load_model(v3_checkpoint[0]), cache_tokens=512))
-    engine = Engine(load_model(v3_checkpoint[0]), cache_tokens=512)
-    engine.graphs = CompiledDecoder(engine.model, engine.cache)
+def test_compiled_steps_give_the_eager_tokens_and_logprobs(v3_checkpoint, tmp_path):
+    # a second model of the same architecture, other weights, stepped in turn with the first:
+    # once their graphs have run, guards are skipped, and each must still run its own graphs
+    make_checkpoint(tmp_path, "v3", seed=5)
+    checkpoints = (v3_checkpoint[0], tmp_path)
+    eager = run(*(Engine(load_model(path), cache_tokens=512) for path in checkpoints))
+    assert eager[0][0].tokens != eager[1][0].tokens
+    engines = [Engine(load_model(path), cache_tokens=512) for path in checkpoints]
     calls = []
-    step = engine.graphs.step
-    engine.graphs.step = lambda *args: calls.append(args[1].shape[0]) or step(*args)
-    compiled = run(engine)
-    for ours, reference in zip(compiled, eager):
+    for engine in engines:
+        engine.graphs = CompiledDecoder(engine.model, engine.cache)
+        steps = compiled_steps(engine.model)
+        for graph, step in list(steps.items()):
+            steps[graph] = lambda *args, step=step: calls.append(args[1].shape[0]) or step(*args)
+    compiled = run(*engines)
+    for ours, reference in zip(chain(*compiled), chain(*eager)):
         assert ours.tokens == reference.tokens
         assert ours.logprobs == pytest.approx(reference.logprobs, abs=1e-4)
     # every decode step went through the compiled graphs, for one sequence and for several
     assert {1, 2, 3, 6} <= set(calls)
-    assert sum(calls) == sum(len(seq.tokens) - 1 for seq in compiled)  # all tokens after the prefill's
-    assert engine.graphs.compiled == {"one sequence", "2 to 4 sequences", "more than 4 sequences"}
+    assert sum(calls) == sum(len(seq.tokens) - 1 for seq in chain(*compiled))  # all tokens after the prefill's
+    for engine in engines:
+        assert engine.graphs.compiled == {"one sequence", "2 to 4 sequences", "more than 4 sequences"}
 
 
 def test_larger_batches_and_remote_experts_stay_eager(v3_checkpoint):
