@@ -41,6 +41,10 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() <= STREAMED_ROWS:
+            # a view of x's storage, so inductor stores x once rather than recomputing its
+            # producers (an RMSNorm, say) for every output row inside the streaming loop: ~15%
+            # off a batch-1 step
+            x = x.as_strided(x.shape, x.stride())
             return (self.weight.float() * x[..., None, :].float()).sum(-1).to(x.dtype)  # [.., out]
         return super().forward(x)
 
