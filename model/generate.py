@@ -138,8 +138,8 @@ class Engine:
     ):
         """On CUDA, decode steps replay captured graphs (prefill stays eager) while the routed
         experts are local. With `compile_cpu`, CPU decode steps of up to 16 sequences run graphs
-        compiled by torch.compile (`CompiledDecoder`: ~2x faster at batch 1 and 1.3-1.5x at batch
-        16, after ~20-30 s of compiling per graph on first use, so it suits long-running
+        compiled by torch.compile (`CompiledDecoder`: ~3-4x faster at batch 1 and 1.8-2.5x at
+        batch 16, after ~20-45 s of compiling per graph on first use, so it suits long-running
         generators). Otherwise, and with remote
         experts, decode runs eagerly."""
         self.model = model
