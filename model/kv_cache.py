@@ -87,8 +87,10 @@ class LatentKVCache:
         """As `context`, with the mask additive: ([B, T] slot ids, [B, T] 0 for the first
         lengths[i] positions of row i, -inf for padding). Padding points at slot 0, a valid row."""
         rows = [self._slots[seq][:length] for seq, length in zip(seqs, lengths)]
+        longest = max(lengths)
+        if min(lengths) == longest:  # nothing to pad (every batch of one): 2 ops instead of 7, ~60 us here
+            return torch.stack(rows), torch.zeros(len(seqs), longest, dtype=mask_dtype, device=self.pool.device)
         index = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # [B, T]
-        longest = index.shape[1]
         pad = torch.arange(longest, device=self.pool.device)[None, :] >= torch.tensor(lengths, device=self.pool.device)[:, None]
         bias = torch.zeros(len(seqs), longest, dtype=mask_dtype, device=self.pool.device).masked_fill_(pad, float("-inf"))
         return index, bias
