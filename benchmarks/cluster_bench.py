@@ -8,12 +8,17 @@ is split into attention (local compute on the worker), dispatch wait (the worker
 replies) and expert compute (the shards' merged per-layer computations), read from the services'
 Prometheus metrics over the same window.
 
-    python benchmarks/cluster_bench.py [--batches 1,16,64] [--steps 16] [--dispatch-dtype fp32]
+With --compile-decode the attention workers compile their decode steps before serving, and the
+in-process generator runs both eagerly and compiled (`Engine(compile_cpu=True)`), each a side of
+its own.
+
+    python benchmarks/cluster_bench.py [--batches 1,16,64] [--steps 16] [--dispatch-dtype fp32] [--compile-decode]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tempfile
 import threading
@@ -94,6 +99,8 @@ def main() -> int:
     parser.add_argument("--dispatch-dtype", default="fp32", choices=["fp32", "bf16", "fp8"])
     parser.add_argument("--transport", default="grpc", choices=["grpc", "ucx"])
     parser.add_argument("--attention-workers", type=int, default=1)
+    parser.add_argument("--compile-decode", action="store_true",
+                        help="compiled decode steps in the attention workers, and an in-process compiled side")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     torch.set_num_threads(2)
@@ -104,25 +111,29 @@ def main() -> int:
         hf.eval()
         with LocalCluster(
             model_dir, shards=2, replicas=1, attention_workers=args.attention_workers, planes=1, transport=args.transport,
-            dispatch_dtype=args.dispatch_dtype, run_dir=Path(tmp) / "run",
-            extra_args={"attention": ["--max-batch", str(max(batches)), "--kv-cache-tokens", "65536"]},
+            dispatch_dtype=args.dispatch_dtype, run_dir=Path(tmp) / "run", compile_decode=args.compile_decode,
+            ready_timeout=600.0, extra_args={"attention": ["--max-batch", str(max(batches)), "--kv-cache-tokens", "65536"]},
         ) as cluster:
             client = Client(cluster.gateway_endpoint, timeout=600)
             print(f"model: {sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M parameters, fp32; prompt {PROMPT_LEN}; "
-                  f"cluster: {args.attention_workers} attention worker(s), 2 expert shards, "
-                  f"{args.transport} dispatch in {args.dispatch_dtype}; {cluster.torch_threads} torch thread(s) per process")
-            header = (f"{'batch':>5} {'cluster tok/s':>14} {'in-process tok/s':>17} {'transformers tok/s':>19} "
-                      f"{'cluster/in-process':>19} {'cluster/transformers':>21}")
-            print(header)
+                  f"cluster: {args.attention_workers} attention worker(s){' compiling decode' if args.compile_decode else ''}, "
+                  f"2 expert shards, {args.transport} dispatch in {args.dispatch_dtype}; "
+                  f"{cluster.torch_threads} torch thread(s) per process")
+            peers = {"in-process": (time_ours, ours)}
+            if args.compile_decode:
+                peers["in-process compiled"] = (functools.partial(time_ours, compile_cpu=True), ours)
+            peers["transformers"] = (time_transformers, hf)
+            print(f"{'batch':>5} {'cluster tok/s':>14} " + " ".join(f"{name + ' tok/s':>{len(name) + 7}}" for name in peers)
+                  + " " + " ".join(f"{'cluster/' + name:>{len(name) + 9}}" for name in peers))
             splits = []
             for batch in batches:
                 before = split_snapshot(cluster)
-                step = per_step({"cluster": (time_cluster, client), "local": (time_ours, ours),
-                                 "transformers": (time_transformers, hf)}, batch, args.steps, args.repeats)
+                step = per_step({"cluster": (time_cluster, client), **peers}, batch, args.steps, args.repeats)
                 after = split_snapshot(cluster)
-                clustered, local, theirs = step["cluster"], step["local"], step["transformers"]
-                print(f"{batch:>5} {batch / clustered:>14.0f} {batch / local:>17.0f} {batch / theirs:>19.0f} "
-                      f"{local / clustered:>18.2f}x {theirs / clustered:>20.2f}x")
+                clustered = step["cluster"]
+                print(f"{batch:>5} {batch / clustered:>14.0f} "
+                      + " ".join(f"{batch / step[name]:>{len(name) + 7}.0f}" for name in peers) + " "
+                      + " ".join(f"{step[name] / clustered:>{len(name) + 8}.2f}x" for name in peers))
                 splits.append((batch, {k: after[k] - before[k] for k in after}))
     print("\nwhere a cluster decode step goes (mean per engine step, all requests of the run above):")
     print(f"{'batch':>5} {'attention ms':>13} {'dispatch wait ms':>17} {'expert compute ms':>18}")

@@ -63,9 +63,9 @@ def served(cluster: LocalCluster, batch: int, seconds: float) -> dict[str, float
             "dispatch wait": delta[SPLIT["dispatch wait"]] / steps, "expert compute": delta[EXPERT] / steps}
 
 
-def bare(cluster: LocalCluster, model_dir: Path, batch: int, steps: int) -> dict[str, float]:
+def bare(cluster: LocalCluster, model_dir: Path, batch: int, steps: int, compile_decode: bool) -> dict[str, float]:
     worker = AttentionWorker(str(model_dir), GrpcTransport("fp32"), plane=0, dtype=None, device="cpu",
-                             cache_tokens=65536, max_batch=batch)
+                             cache_tokens=65536, max_batch=batch, compile_decode=compile_decode)
     watcher = PlanWatcher(redis.Redis.from_url(cluster.redis_url), Keys(cluster.cluster), worker.plans).start()
     try:
         for prompt in prompts(batch):
@@ -88,18 +88,19 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--compile-decode", action="store_true", help="compiled decode steps, served and bare")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
         make_checkpoint(model_dir, "v3", seed=0, **BENCH_CONFIG)
         with LocalCluster(model_dir, shards=2, replicas=1, attention_workers=1, planes=1, transport="grpc",
-                          dispatch_dtype="fp32", run_dir=Path(tmp) / "run",
-                          extra_args={"attention": ["--max-batch", str(args.batch)]}) as cluster:
+                          dispatch_dtype="fp32", run_dir=Path(tmp) / "run", compile_decode=args.compile_decode,
+                          ready_timeout=600.0, extra_args={"attention": ["--max-batch", str(args.batch)]}) as cluster:
             torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", cluster.torch_threads)))  # as the cluster's worker
             # bare first: the served requests would still be decoding beside it
-            rows = {"bare": bare(cluster, model_dir, args.batch, args.steps)}
+            rows = {"bare": bare(cluster, model_dir, args.batch, args.steps, args.compile_decode)}
             rows["served"] = served(cluster, args.batch, args.seconds)
-    print(f"batch {args.batch}, steady decode, ms per step ({torch.get_num_threads()} torch thread(s) in the bare worker)")
+    print(f"batch {args.batch}, steady decode{', compiled' if args.compile_decode else ''}, ms per step ({torch.get_num_threads()} torch thread(s) in the bare worker)")
     print(f"{'worker':>8} {'step':>7} {'own compute':>12} {'dispatch wait':>14} {'expert compute (shards summed)':>31}")
     for name, row in rows.items():
         expert = f"{row['expert compute'] * 1e3:.1f}" if "expert compute" in row else "-"

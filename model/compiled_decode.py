@@ -66,8 +66,24 @@ class CompiledDecoder:
 
     def handles(self, n: int) -> bool:
         """Whether a decode step of n sequences runs compiled: at most max_batch of them, with
-        in-process experts (a remote dispatcher cannot be traced into a graph)."""
-        return n <= self.max_batch and self.model.experts_in_process
+        experts a graph can call (`Transformer.experts_traceable`)."""
+        return n <= self.max_batch and self.model.experts_traceable
+
+    def warm_up(self, largest: int) -> None:
+        """Compile, before any request, every graph that steps of up to `largest` sequences
+        use: one step of 1, up to STREAMED_ROWS and up to `largest` scratch sequences of one
+        token each, whose cache blocks are freed afterwards. The steps' logits are discarded."""
+        sizes = sorted({min(n, largest, self.max_batch) for n in (1, STREAMED_ROWS, self.max_batch)})
+        for i, n in enumerate(sizes, 1):
+            log.info("warming up CPU decode graph %d of %d (%s)", i, len(sizes), graph_for(n))
+            seqs = [("warm-up", k) for k in range(n)]
+            for seq in seqs:
+                self.cache.allocate(seq, 2)
+            try:
+                self.decode(torch.zeros(n, dtype=torch.long), seqs, [1] * n)
+            finally:
+                for seq in seqs:
+                    self.cache.free(seq)
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, seqs: list[object], lengths: list[int]) -> torch.Tensor:

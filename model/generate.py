@@ -139,8 +139,8 @@ class Engine:
         experts are local. With `compile_cpu`, CPU decode steps of up to 16 sequences run graphs
         compiled by torch.compile (`CompiledDecoder`: ~3-4x faster at batch 1 and 1.8-2.5x at
         batch 16, after ~20-45 s of compiling per graph on first use, so it suits long-running
-        generators). Otherwise, and with remote
-        experts, decode runs eagerly."""
+        generators). CUDA graphs need local experts; compiled CPU steps also call remote ones
+        (an attention worker's, through custom operators). Otherwise decode runs eagerly."""
         self.model = model
         self.cfg = model.cfg
         self.device = model.head.weight.device
@@ -154,6 +154,8 @@ class Engine:
         else:
             self.graphs = None
         self.max_batch = max_batch
+        # decode steps by path: "graph" (a captured CUDA graph or a compiled one) or "eager"
+        self.decode_steps: dict[str, int] = {"graph": 0, "eager": 0}
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._ids = itertools.count()
@@ -215,8 +217,10 @@ class Engine:
         ids, lengths = [s.id for s in batch], [s.cached_tokens for s in batch]
         if self.graphs is not None and self.graphs.handles(len(batch)):
             logits = self.graphs.decode(tokens, ids, lengths)
+            self.decode_steps["graph"] += 1
         else:
             logits = self.model.decode(tokens, self.cache, ids, lengths)
+            self.decode_steps["eager"] += 1
         picks = sample_rows(logits, [(s.request.sampling, s.generator) for s in batch])
         return [self._record(s, token, logprob) for s, (token, logprob) in zip(batch, picks)]
 

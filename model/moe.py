@@ -94,6 +94,9 @@ def group_by_key(key: torch.Tensor, n_keys: int) -> tuple[torch.Tensor, torch.Te
 class RoutedExperts(Protocol):
     """Where a MoE block's routed experts run: in this process or on remote shards."""
 
+    # whether torch.compile can trace dispatch and combine into a decode graph
+    traceable: bool
+
     def dispatch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> object: ...
 
     def combine(self, handle: object) -> torch.Tensor: ...
@@ -114,6 +117,9 @@ class ExpertBank(nn.Module):
     [E, 2I/128, D/128], w2_scale [E, D/128, I/128]) and the grouped path multiplies them with
     block-scaled FP8 GEMMs over activations quantised per 1x128 tile.
     """
+
+    traceable = True
+
 
     def __init__(self, expert_ids: list[int], n_routed_experts: int, dim: int, inter_dim: int):
         super().__init__()

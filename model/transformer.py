@@ -77,9 +77,15 @@ class Transformer(nn.Module):
     @property
     def experts_in_process(self) -> bool:
         """Whether every MoE block holds its routed experts here (an `ExpertBank`), rather than
-        dispatching to remote shards: only then does a decode step fit in one graph. Checked
-        per step, since an attention worker installs its remote experts after load."""
+        dispatching to remote shards: only then does a decode step fit in one CUDA graph.
+        Checked per step, since an attention worker installs its remote experts after load."""
         return all(isinstance(block.ffn.experts, ExpertBank) for block in self.layers if isinstance(block.ffn, MoE))
+
+    @property
+    def experts_traceable(self) -> bool:
+        """Whether torch.compile can trace every MoE block's dispatch and combine into one
+        decode graph: local experts, or remote ones behind custom operators."""
+        return all(getattr(block.ffn.experts, "traceable", False) for block in self.layers if isinstance(block.ffn, MoE))
 
     def prepare_decode(self) -> None:
         """Build what the absorbed path caches per layer, so that a graph built after this

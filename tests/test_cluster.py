@@ -35,12 +35,16 @@ def reference(v3_checkpoint):
     return [(s.tokens, s.logprobs) for s in seqs]
 
 
-@pytest.fixture(scope="module", params=["grpc", "ucx"])
+@pytest.fixture(scope="module", params=["grpc", "ucx", "grpc, compiled decode"])
 def cluster(request, v3_checkpoint, tmp_path_factory):
+    """Every test below runs against each transport, and once more with attention workers whose
+    decode steps are compiled graphs calling the dispatcher through custom operators."""
     path, _ = v3_checkpoint
+    transport, _, compiled = request.param.partition(", ")
     with LocalCluster(
-        path, shards=2, replicas=2, attention_workers=2, planes=2, transport=request.param,
-        dispatch_dtype="fp32", run_dir=tmp_path_factory.mktemp("cluster"),
+        path, shards=2, replicas=2, attention_workers=2, planes=2, transport=transport,
+        dispatch_dtype="fp32", run_dir=tmp_path_factory.mktemp("cluster"), compile_decode=bool(compiled),
+        ready_timeout=900.0 if compiled else 180.0,
     ) as running:
         yield running
 
@@ -70,9 +74,27 @@ def greedy_jobs() -> list[dict]:
     return [dict(prompt_ids=p, max_new_tokens=n, ignore_eos=True) for p, n in zip(PROMPTS, LENGTHS)]
 
 
+def decode_steps(cluster: LocalCluster) -> dict[str, float]:
+    """The attention workers' decode steps by path (graph or eager), summed."""
+    out = {"graph": 0.0, "eager": 0.0}
+    for name in cluster.names("attention"):
+        port = cluster.processes[name].metrics_port
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        for line in text.splitlines():
+            if line.startswith("moe_attention_decode_steps_total{"):
+                out[line.split('path="')[1].split('"')[0]] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def test_sixteen_concurrent_streams_match_transformers_and_in_process_logprobs(cluster, reference, v3_checkpoint):
     _, hf = v3_checkpoint
+    before = decode_steps(cluster)
     results = run_concurrently(Client(cluster.gateway_endpoint, timeout=120), greedy_jobs())
+    steps = {path: n - before[path] for path, n in decode_steps(cluster).items()}
+    if cluster.compile_decode:
+        assert steps["graph"] > 0 and steps["eager"] == 0, steps
+    else:
+        assert steps["graph"] == 0 and steps["eager"] > 0, steps
     for prompt, n, result, (tokens, logprobs) in zip(PROMPTS, LENGTHS, results, reference):
         assert not isinstance(result, Exception), result
         expected = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)

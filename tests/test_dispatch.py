@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 import torch
 
-from services.attention.dispatch import DEAD_REPLICA_S, Dispatcher, LayerRoutes, PlanHolder
+from services.attention.dispatch import DEAD_REPLICA_S, Dispatcher, LayerRoutes, PlanHolder, RemoteExperts
 from services.common.errors import Unavailable
 from services.common.plan import Plan, PlanReplica
 from services.transport.base import ExpertBatch, ReplicaUnavailable
@@ -149,3 +149,32 @@ def test_an_expert_without_replica_fails_only_the_dispatches_that_touch_it():
         d.dispatch(LAYER, x, ids, weights)
     clear = torch.stack([torch.tensor([e for e in range(N_EXPERTS) if e != 5][:3])] * ids.shape[0])
     torch.testing.assert_close(d.combine(d.dispatch(LAYER, x, clear, weights)), expected(x, clear, weights))
+
+
+def test_remote_experts_in_a_compiled_graph_dispatch_and_combine_like_the_dispatcher():
+    """The custom operators that let a compiled decode step call the dispatcher: traced by
+    torch.compile (fullgraph, so a graph break fails), they send each replica its slots and
+    return what `combine` sums, and a failure inside the graph reaches the caller as itself."""
+    plan = plan_of([["a"] if e < 4 else ["b"] for e in range(N_EXPERTS)])
+    d, transport = dispatcher(plan)
+    experts = RemoteExperts(LAYER, d)
+    compiled = torch.compile(lambda x, ids, w: experts.combine(experts.dispatch(x * 2, ids, w)) + 1,
+                             fullgraph=True, backend="aot_eager")
+    x, ids, weights = routing()
+    torch.testing.assert_close(compiled(x, ids, weights), expected(x * 2, ids, weights) + 1)
+    assert len(transport.replicas["a"].batches) == len(transport.replicas["b"].batches) == 1
+    d.plans.set(plan_of([["a"]] * 4 + [[]] * (N_EXPERTS - 4), version=2))
+    with pytest.raises(Unavailable, match="no live replica serves layer 1 expert"):
+        compiled(x, ids, weights)
+
+
+def test_a_rehearsal_sends_nothing_and_combines_to_zeros():
+    """What an attention worker compiles its decode graphs under before any shard is up."""
+    d, transport = dispatcher(plan_of([["a"]] * N_EXPERTS))
+    d.plans = PlanHolder(0)  # no plan yet: a real dispatch would fail
+    x, ids, weights = routing()
+    with d.rehearsal():
+        out = d.combine(d.dispatch(LAYER, x, ids, weights))
+    assert torch.equal(out, torch.zeros_like(x)) and not transport.replicas
+    with pytest.raises(Unavailable, match="no routing plan"):
+        d.dispatch(LAYER, x, ids, weights)

@@ -8,11 +8,13 @@ work of a replica that failed to another replica of the same experts.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -119,6 +121,8 @@ class Dispatcher:
         self._routes_key: tuple = ()
         self._turn = itertools.count()
         self._lock = threading.Lock()
+        self._parked: dict[int, Pending] = {}  # layer -> work dispatched through `dispatch_experts`
+        self._rehearsing = False
         self.wait_seconds = 0.0  # accumulated combine wait, read by the scheduler for step splits
 
     # ---- replica choice --------------------------------------------------------------------
@@ -198,8 +202,19 @@ class Dispatcher:
             ids, weights = ids.to("cpu", non_blocking=True), weights.to("cpu", non_blocking=True)
             torch.cuda.current_stream(x.device).synchronize()
         pending = Pending(layer, x, ids, weights)
-        self._send(pending, None)
+        if not self._rehearsing:
+            self._send(pending, None)
         return pending
+
+    @contextlib.contextmanager
+    def rehearsal(self):
+        """Dispatches send nothing and combine to zeros: decode steps that compile graphs
+        before a plan or any shard exists."""
+        self._rehearsing = True
+        try:
+            yield
+        finally:
+            self._rehearsing = False
 
     def combine(self, pending: Pending) -> torch.Tensor:
         out = torch.zeros(pending.x.shape, dtype=torch.float32, device=pending.x.device)
@@ -225,6 +240,24 @@ class Dispatcher:
         COMBINE_WAIT.observe(waited)
         return out.to(pending.x.dtype)
 
+    def register(self) -> int:
+        """This dispatcher's id for the `dispatch_experts` and `combine_experts` operators."""
+        with self._lock:
+            if not hasattr(self, "id"):
+                self.id = next(_dispatcher_ids)
+                _dispatchers[self.id] = self
+            return self.id
+
+    def park(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> int:
+        """`dispatch`, keeping the pending work for `redeem(layer)`. One engine steps one batch
+        at a time, so a layer has at most one dispatch in flight; a step that failed between
+        the two leaves its pending work to be replaced by the next one's."""
+        self._parked[layer] = self.dispatch(layer, x, ids, weights)
+        return layer
+
+    def redeem(self, layer: int) -> torch.Tensor:
+        return self.combine(self._parked.pop(layer))
+
     def close(self) -> None:
         with self._lock:
             clients, self._clients = list(self._clients.values()), {}
@@ -240,16 +273,51 @@ def _failed(err: Exception):
     return future
 
 
+# Dispatchers by id, for the custom ops below: an op's arguments are tensors and numbers only.
+_dispatchers: weakref.WeakValueDictionary[int, Dispatcher] = weakref.WeakValueDictionary()
+_dispatcher_ids = itertools.count()
+
+
+@torch.library.custom_op("moe_runtime::dispatch_experts", mutates_args=())
+def dispatch_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, dispatcher: int, layer: int) -> torch.Tensor:
+    """`Dispatcher.dispatch` as an operator that torch.compile keeps opaque: -> a ticket [1]
+    int64 (the layer) that `combine_experts` redeems; the combine's data dependency on it keeps
+    the two in order inside a graph."""
+    return torch.tensor([_dispatchers[dispatcher].park(layer, x, ids, weights)])
+
+
+@dispatch_experts.register_fake
+def _(x, ids, weights, dispatcher, layer):
+    return x.new_empty(1, dtype=torch.int64)
+
+
+@torch.library.custom_op("moe_runtime::combine_experts", mutates_args=())
+def combine_experts(ticket: torch.Tensor, x: torch.Tensor, dispatcher: int) -> torch.Tensor:
+    """`Dispatcher.combine` of a ticket from `dispatch_experts` -> [T, D] like x (which only
+    gives the output its shape and dtype)."""
+    return _dispatchers[dispatcher].redeem(int(ticket))
+
+
+@combine_experts.register_fake
+def _(ticket, x, dispatcher):
+    return torch.empty_like(x)
+
+
 class RemoteExperts(nn.Module):
-    """Drop-in for a MoE block's `ExpertBank`: the same dispatch/combine, served remotely."""
+    """Drop-in for a MoE block's `ExpertBank`: the same dispatch/combine, served remotely,
+    through custom operators so that a compiled decode step keeps them as calls into Python
+    (see `CompiledDecoder`)."""
+
+    traceable = True
 
     def __init__(self, layer: int, dispatcher: Dispatcher):
         super().__init__()
         self.layer = layer
-        self.dispatcher = dispatcher
+        self.dispatcher_id = dispatcher.register()
 
-    def dispatch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Pending:
-        return self.dispatcher.dispatch(self.layer, x, ids, weights)
+    def dispatch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return dispatch_experts(x, ids, weights, self.dispatcher_id, self.layer), x
 
-    def combine(self, pending: Pending) -> torch.Tensor:
-        return self.dispatcher.combine(pending)
+    def combine(self, handle: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        ticket, x = handle
+        return combine_experts(ticket, x, self.dispatcher_id)

@@ -31,6 +31,8 @@ TTFT = Histogram("moe_attention_time_to_first_token_seconds", "Submission to fir
 TOKEN_LATENCY = Histogram("moe_attention_token_latency_seconds", "Time between consecutive tokens of a request",
                           buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5))
 STEP_SECONDS = Histogram("moe_attention_step_seconds", "Engine step time split by phase", ["phase"])
+DECODE_STEPS = Counter("moe_attention_decode_steps_total",
+                       "Decode steps by path: graph (compiled, or a CUDA graph) or eager", ["path"])
 KV_USED = Gauge("moe_attention_kv_cache_used_tokens", "Latent KV-cache tokens reserved by sequences")
 KV_TOTAL = Gauge("moe_attention_kv_cache_capacity_tokens", "Latent KV-cache capacity in tokens")
 ACTIVE = Gauge("moe_attention_active_sequences", "Sequences decoding now")
@@ -178,6 +180,7 @@ class Scheduler:
             if self.engine.idle:
                 continue
             wait_before = self._step_wait_seconds()
+            paths_before = dict(self.engine.decode_steps)
             started = time.perf_counter()
             try:
                 events = self.engine.step()
@@ -194,6 +197,9 @@ class Scheduler:
             STEP_SECONDS.labels("total").observe(elapsed)
             STEP_SECONDS.labels("dispatch_wait").observe(waited)
             STEP_SECONDS.labels("local_compute").observe(max(elapsed - waited, 0.0))
+            for path, steps in self.engine.decode_steps.items():
+                if steps > paths_before[path]:
+                    DECODE_STEPS.labels(path).inc(steps - paths_before[path])
             self._deliver(events)
             KV_USED.set(self.engine.cache.used_tokens)
             ACTIVE.set(len(self.engine.running))

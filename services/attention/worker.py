@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import redis
 
 from model.checkpoint import load_model
+from model.compiled_decode import CompiledDecoder
 from model.generate import Engine
 from model.moe import MoE
 from model.tokenizer import TextCodec
@@ -64,7 +66,9 @@ class PlanWatcher:
 
 class AttentionWorker:
     def __init__(self, model_dir: str, transport: Transport, *, plane: int, dtype: str | None, device: str,
-                 cache_tokens: int, max_batch: int, dispatch_timeout_s: float = 10.0):
+                 cache_tokens: int, max_batch: int, dispatch_timeout_s: float = 10.0, compile_decode: bool = False):
+        """compile_decode: CPU decode steps of up to 16 sequences run graphs compiled by
+        torch.compile, each compiled here before serving (see `CompiledDecoder`)."""
         self.model = load_model(model_dir, dtype=dtype, device=device, with_routed_experts=False)
         self.cfg = self.model.cfg
         self.codec = TextCodec.for_model(model_dir)
@@ -73,7 +77,13 @@ class AttentionWorker:
         for block in self.model.layers:
             if isinstance(block.ffn, MoE):
                 block.ffn.experts = RemoteExperts(block.layer, self.dispatcher)
-        self.engine = Engine(self.model, cache_tokens=cache_tokens, max_batch=max_batch)
+        self.engine = Engine(self.model, cache_tokens=cache_tokens, max_batch=max_batch, compile_cpu=compile_decode)
+        if isinstance(self.engine.graphs, CompiledDecoder):
+            started = time.monotonic()
+            event(log, "compiling decode graphs before serving (~20-45 s each on CPU)")
+            with self.dispatcher.rehearsal():
+                self.engine.graphs.warm_up(max_batch)
+            event(log, "decode graphs compiled", seconds=round(time.monotonic() - started, 1))
         self.scheduler = Scheduler(self.engine, step_wait_seconds=lambda: self.dispatcher.wait_seconds)
 
     def stop(self, grace_s: float) -> None:

@@ -42,6 +42,10 @@ def build_server(max_workers: int = 16, interceptors: Sequence[grpc.ServerInterc
         ("grpc.max_send_message_length", 256 << 20),
         ("grpc.max_receive_message_length", 256 << 20),
         ("grpc.so_reuseport", 0),
+        # accept the keepalive pings our clients send every 10 s (services.transport.grpc_transport),
+        # also between calls: by default a server answers them with GOAWAY "too_many_pings"
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
         *options,
     ]
     return grpc.server(

@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help=f"logs and cluster.json [{DEFAULT_RUN_DIR}]")
         parser.add_argument("--cluster", help="Redis key prefix [moe-<random>]")
         parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every process [300]")
+        parser.add_argument("--compile-decode", action="store_true",
+                            help="CPU: attention workers compile decode steps before serving (minutes; faster steps)")
         parser.add_argument("--detach", action="store_true", help="return once ready; stop later with `moe down`")
     elif command == "down":
         parser.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help=f"where `moe up` wrote cluster.json [{DEFAULT_RUN_DIR}]")
@@ -77,7 +79,7 @@ def _up(args: argparse.Namespace) -> int:
                                attention_workers=args.attention_workers, planes=args.planes,
                                transport=args.transport, dispatch_dtype=args.dispatch_dtype, dtype=args.dtype,
                                run_dir=run_dir, gateway_port=args.port, device=args.device, cluster=args.cluster,
-                               ready_timeout=args.timeout, progress=_say)
+                               ready_timeout=args.timeout, progress=_say, compile_decode=args.compile_decode)
     except ClusterError as err:
         raise CliError(str(err)) from None
 

@@ -88,8 +88,9 @@ class LocalCluster:
                  extra_args: dict[str, list[str]] | None = None, cluster: str | None = None,
                  log_level: str = "info", ready_timeout: float = DEFAULT_READY_TIMEOUT_S,
                  stop_timeout: float = DEFAULT_STOP_TIMEOUT_S, progress: Callable[[str], None] | None = None,
-                 gpus: list[str] | None = None) -> None:
+                 gpus: list[str] | None = None, compile_decode: bool = False) -> None:
         """extra_args: more flags per process name or per kind (appended last, so they win).
+        compile_decode: attention workers compile their CPU decode steps before serving.
         gpus: with device "cuda", the GPU ids the shard replicas and attention workers are spread
         over, one per process in turn (CUDA_VISIBLE_DEVICES of each); default: the launcher's
         CUDA_VISIBLE_DEVICES, else every GPU the host has."""
@@ -112,6 +113,7 @@ class LocalCluster:
         self.progress = progress or (lambda line: None)
         self.gpus = (visible_gpus() if gpus is None else list(gpus)) if device == "cuda" else []
         self.gateway_port = gateway_port
+        self.compile_decode = compile_decode
         self.processes: dict[str, ManagedProcess] = {}
         self.detached = False
         self._started = False
@@ -186,6 +188,8 @@ class LocalCluster:
                 "--replica-id", name, "--plane", str(plane), "--transport", self.transport]
             if self.dispatch_dtype:
                 cmd += ["--dispatch-dtype", self.dispatch_dtype]
+            if self.compile_decode:
+                cmd += ["--compile-decode"]
             label, env = on_gpu(f"attention worker {w + 1}/{self.attention_workers}")
             self._add(ManagedProcess(name, "attention", label, cmd, port, logs / f"{name}.log", metrics,
                                      replica_id=name, plane=plane, env=env))
