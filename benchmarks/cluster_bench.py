@@ -6,7 +6,8 @@ is the decode time per step with prefill and start-up cancelled out. The three s
 within each repeat, so a noisy minute on this shared machine hits all of them. The cluster's step
 is split into attention (local compute on the worker), dispatch wait (the worker blocked on expert
 replies) and expert compute (the shards' merged per-layer computations), read from the services'
-Prometheus metrics over the same window.
+Prometheus metrics around each timed call and differenced the same way, so prefill and
+admission cancel out of the split too.
 
 With --compile-decode the attention workers compile their decode steps before serving, and the
 in-process generator runs both eagerly and compiled (`Engine(compile_cpu=True)`), each a side of
@@ -91,6 +92,33 @@ def split_snapshot(cluster: LocalCluster) -> dict[str, float]:
     return snap
 
 
+class TimedCluster:
+    """`time_cluster` that also records the step split's metric deltas of each call, by its
+    number of new tokens, for `per_decode_step`."""
+
+    def __init__(self, cluster: LocalCluster):
+        self.cluster = cluster
+        self.deltas: dict[int, list[dict[str, float]]] = {}
+
+    def __call__(self, client: Client, batch: int, new_tokens: int) -> float:
+        before = split_snapshot(self.cluster)
+        elapsed = time_cluster(client, batch, new_tokens)
+        after = split_snapshot(self.cluster)
+        self.deltas.setdefault(new_tokens, []).append({k: after[k] - before[k] for k in after})
+        return elapsed
+
+    def per_decode_step(self, steps: int) -> dict[str, float]:
+        """Seconds per decode step of each split metric: (mean over the calls of 2N new tokens -
+        mean over those of N) / N."""
+        def mean(calls: list[dict[str, float]], key: str) -> float:
+            return sum(c[key] for c in calls) / len(calls)
+
+        short, long = self.deltas.pop(steps), self.deltas.pop(2 * steps)
+        self.deltas.clear()
+        keys = {"attention": SPLIT["attention"], "dispatch wait": SPLIT["dispatch wait"], "expert compute": EXPERT}
+        return {name: (mean(long, key) - mean(short, key)) / steps for name, key in keys.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,16,64")
@@ -125,22 +153,19 @@ def main() -> int:
             peers["transformers"] = (time_transformers, hf)
             print(f"{'batch':>5} {'cluster tok/s':>14} " + " ".join(f"{name + ' tok/s':>{len(name) + 7}}" for name in peers)
                   + " " + " ".join(f"{'cluster/' + name:>{len(name) + 9}}" for name in peers))
-            splits = []
+            timed, splits = TimedCluster(cluster), []
             for batch in batches:
-                before = split_snapshot(cluster)
-                step = per_step({"cluster": (time_cluster, client), **peers}, batch, args.steps, args.repeats)
-                after = split_snapshot(cluster)
+                step = per_step({"cluster": (timed, client), **peers}, batch, args.steps, args.repeats)
                 clustered = step["cluster"]
                 print(f"{batch:>5} {batch / clustered:>14.0f} "
                       + " ".join(f"{batch / step[name]:>{len(name) + 7}.0f}" for name in peers) + " "
                       + " ".join(f"{step[name] / clustered:>{len(name) + 8}.2f}x" for name in peers))
-                splits.append((batch, {k: after[k] - before[k] for k in after}))
-    print("\nwhere a cluster decode step goes (mean per engine step, all requests of the run above):")
+                splits.append((batch, timed.per_decode_step(args.steps)))
+    print("\nwhere a cluster decode step goes (ms per decode step, differenced like the times above):")
     print(f"{'batch':>5} {'attention ms':>13} {'dispatch wait ms':>17} {'expert compute ms':>18}")
-    for batch, delta in splits:
-        steps = max(delta[SPLIT["steps"]], 1.0)
-        print(f"{batch:>5} {delta[SPLIT['attention']] / steps * 1e3:>13.2f} "
-              f"{delta[SPLIT['dispatch wait']] / steps * 1e3:>17.2f} {delta[EXPERT] / steps * 1e3:>18.2f}")
+    for batch, split in splits:
+        print(f"{batch:>5} {split['attention'] * 1e3:>13.2f} "
+              f"{split['dispatch wait'] * 1e3:>17.2f} {split['expert compute'] * 1e3:>18.2f}")
     print("(expert compute runs inside the dispatch wait; the rest of the wait is transport and queueing)")
     return 0
 

@@ -152,19 +152,23 @@ def test_an_expert_without_replica_fails_only_the_dispatches_that_touch_it():
 
 
 def test_remote_experts_in_a_compiled_graph_dispatch_and_combine_like_the_dispatcher():
-    """The custom operators that let a compiled decode step call the dispatcher: traced by
-    torch.compile (fullgraph, so a graph break fails), they send each replica its slots and
-    return what `combine` sums, and a failure inside the graph reaches the caller as itself."""
+    """The custom operators that let a compiled decode step call the dispatcher, compiled as
+    an attention worker compiles them (inductor, C++ wrapper, fullgraph: a graph break fails):
+    each replica gets its slots, the graph gets what `combine` sums, and a dispatch failure
+    inside the graph reaches the caller of a step as itself, with its message."""
     plan = plan_of([["a"] if e < 4 else ["b"] for e in range(N_EXPERTS)])
     d, transport = dispatcher(plan)
     experts = RemoteExperts(LAYER, d)
     compiled = torch.compile(lambda x, ids, w: experts.combine(experts.dispatch(x * 2, ids, w)) + 1,
-                             fullgraph=True, backend="aot_eager")
+                             fullgraph=True, options={"cpp_wrapper": True})
     x, ids, weights = routing()
     torch.testing.assert_close(compiled(x, ids, weights), expected(x * 2, ids, weights) + 1)
     assert len(transport.replicas["a"].batches) == len(transport.replicas["b"].batches) == 1
+    transport.replicas["b"].fail = True  # b's work is retried on b (the only replica) until it gives up
+    with pytest.raises(Unavailable, match="kept failing after 3 attempts"), d.failures_surfaced():
+        compiled(x, ids, weights)
     d.plans.set(plan_of([["a"]] * 4 + [[]] * (N_EXPERTS - 4), version=2))
-    with pytest.raises(Unavailable, match="no live replica serves layer 1 expert"):
+    with pytest.raises(Unavailable, match="no live replica serves layer 1 expert"), d.failures_surfaced():
         compiled(x, ids, weights)
 
 

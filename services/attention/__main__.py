@@ -18,6 +18,7 @@ from services.attention.servicer import InferenceServicer
 from services.attention.worker import AttentionWorker, PlanWatcher
 from services.common import redis_store, settings
 from services.common.logging import configure_logging, event, get_logger
+from services.common.memory import keep_freed_memory
 from services.common.redis_store import Keys, ReplicaRecord
 from services.common.server import Service
 from services.transport.base import DISPATCH_DTYPES, TRANSPORTS, make_transport
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging("attention", args.log_level)
+    keep_freed_memory()
     if args.max_batch < 1 or args.kv_cache_tokens < 16:
         print("attention: --max-batch must be >= 1 and --kv-cache-tokens >= 16", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ import torch
 from prometheus_client import Counter, Histogram
 from torch import nn
 
-from services.common.errors import Unavailable
+from services.common.errors import ServiceError, Unavailable
 from services.common.logging import event, get_logger
 from services.common.plan import Plan, PlanReplica, format_pairs
 from services.transport.base import ExpertBatch, ReplicaUnavailable, Transport
@@ -123,6 +123,7 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._parked: dict[int, Pending] = {}  # layer -> work dispatched through `dispatch_experts`
         self._rehearsing = False
+        self._failure: ServiceError | None = None  # the last one raised inside `park` or `redeem`
         self.wait_seconds = 0.0  # accumulated combine wait, read by the scheduler for step splits
 
     # ---- replica choice --------------------------------------------------------------------
@@ -252,11 +253,34 @@ class Dispatcher:
         """`dispatch`, keeping the pending work for `redeem(layer)`. One engine steps one batch
         at a time, so a layer has at most one dispatch in flight; a step that failed between
         the two leaves its pending work to be replaced by the next one's."""
-        self._parked[layer] = self.dispatch(layer, x, ids, weights)
+        try:
+            self._parked[layer] = self.dispatch(layer, x, ids, weights)
+        except ServiceError as err:
+            self._failure = err
+            raise
         return layer
 
     def redeem(self, layer: int) -> torch.Tensor:
-        return self.combine(self._parked.pop(layer))
+        try:
+            return self.combine(self._parked.pop(layer))
+        except ServiceError as err:
+            self._failure = err
+            raise
+
+    @contextlib.contextmanager
+    def failures_surfaced(self):
+        """Around an engine step: a dispatch failure that reached the caller through a compiled
+        graph's C++ wrapper (as a RuntimeError naming the operator) is raised again as itself,
+        so the step fails with the failure's own status and message."""
+        self._failure = None
+        try:
+            yield
+        except RuntimeError as err:
+            if self._failure is None:
+                raise
+            raise self._failure from err
+        finally:
+            self._failure = None
 
     def close(self) -> None:
         with self._lock:

@@ -8,6 +8,7 @@ fails exactly the sequences that were in it; waiting requests are untouched.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -60,9 +61,12 @@ class RequestHandle:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, step_wait_seconds=lambda: 0.0):
+    def __init__(self, engine: Engine, step_wait_seconds=lambda: 0.0, step_context=contextlib.nullcontext):
+        """step_wait_seconds: the running total of dispatch wait, for the step split;
+        step_context: a context manager factory each engine step runs in."""
         self.engine = engine
         self._step_wait_seconds = step_wait_seconds
+        self._step_context = step_context
         self._incoming: list[RequestHandle] = []
         self._cancelled: list[RequestHandle] = []
         self._by_seq: dict[int, RequestHandle] = {}
@@ -183,7 +187,8 @@ class Scheduler:
             paths_before = dict(self.engine.decode_steps)
             started = time.perf_counter()
             try:
-                events = self.engine.step()
+                with self._step_context():
+                    events = self.engine.step()
             except ServiceError as err:
                 event(log, "step failed", level=logging.WARNING, error=str(err))
                 self._fail_in_flight(err, "unavailable")

@@ -84,7 +84,8 @@ class AttentionWorker:
             with self.dispatcher.rehearsal():
                 self.engine.graphs.warm_up(max_batch)
             event(log, "decode graphs compiled", seconds=round(time.monotonic() - started, 1))
-        self.scheduler = Scheduler(self.engine, step_wait_seconds=lambda: self.dispatcher.wait_seconds)
+        self.scheduler = Scheduler(self.engine, step_wait_seconds=lambda: self.dispatcher.wait_seconds,
+                                   step_context=self.dispatcher.failures_surfaced)
 
     def stop(self, grace_s: float) -> None:
         self.scheduler.stop(grace_s)

@@ -15,6 +15,7 @@ import time
 from moe.v1 import expert_pb2_grpc
 from services.common.errors import ServiceError
 from services.common.logging import configure_logging, event, get_logger
+from services.common.memory import keep_freed_memory
 from services.common.redis_store import Keys, LoadRecorder, Registry, ReplicaRecord, connect
 from services.common.server import Service
 from services.common.settings import (
@@ -73,6 +74,7 @@ def start_ucx(port: int, shard: ExpertShard):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging("expert", args.log_level)
+    keep_freed_memory()
     from model.config import ModelConfig
 
     try:
