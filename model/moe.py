@@ -120,7 +120,6 @@ class ExpertBank(nn.Module):
 
     traceable = True
 
-
     def __init__(self, expert_ids: list[int], n_routed_experts: int, dim: int, inter_dim: int):
         super().__init__()
         self.expert_ids = sorted(expert_ids)

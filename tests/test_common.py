@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import pytest
@@ -386,3 +389,33 @@ def test_codec_fills_and_reads_the_moe_v1_tensor_message():
     source = torch.randn(2, 5).to(torch.bfloat16)
     wire = tensor_pb2.Tensor.FromString(tensors.encode(source, tensor_pb2.Tensor()).SerializeToString())
     assert torch.equal(tensors.decode(wire, allowed={"bfloat16"}, expect_shape=(None, 5)), source)
+
+
+PAGE_FAULTS_PER_STEP = """
+import resource, sys, threading
+import torch
+from services.common.memory import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+faults = []
+def steps():  # like a decode step thread: buffers a little larger every step, off the main thread
+    for i in range(60):
+        before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+        torch.ones((1 << 18) + 4096 * i)  # 1 MiB and growing, every page touched
+        faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+thread = threading.Thread(target=steps)
+thread.start(); thread.join()
+print(sum(faults[10:]) / len(faults[10:]))
+"""
+
+
+def test_keeping_freed_memory_stops_a_step_threads_buffers_from_faulting_in_afresh():
+    def faults_per_step(mode: str) -> float:
+        done = subprocess.run([sys.executable, "-c", PAGE_FAULTS_PER_STEP, mode], capture_output=True, text=True,
+                              timeout=120, cwd=Path(__file__).resolve().parents[1])
+        assert done.returncode == 0, done.stderr
+        return float(done.stdout)
+
+    default, kept = faults_per_step("default"), faults_per_step("keep")
+    assert default > 100  # most of 1 MiB of fresh pages every step
+    assert kept < default / 10

@@ -125,6 +125,8 @@ class Dispatcher:
         self._rehearsing = False
         self._failure: ServiceError | None = None  # the last one raised inside `park` or `redeem`
         self.wait_seconds = 0.0  # accumulated combine wait, read by the scheduler for step splits
+        self.id = next(_dispatcher_ids)  # how the `dispatch_experts` and `combine_experts` operators name it
+        _dispatchers[self.id] = self
 
     # ---- replica choice --------------------------------------------------------------------
     def mark_dead(self, replica: PlanReplica, reason: str) -> None:
@@ -241,14 +243,6 @@ class Dispatcher:
         COMBINE_WAIT.observe(waited)
         return out.to(pending.x.dtype)
 
-    def register(self) -> int:
-        """This dispatcher's id for the `dispatch_experts` and `combine_experts` operators."""
-        with self._lock:
-            if not hasattr(self, "id"):
-                self.id = next(_dispatcher_ids)
-                _dispatchers[self.id] = self
-            return self.id
-
     def park(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> int:
         """`dispatch`, keeping the pending work for `redeem(layer)`. One engine steps one batch
         at a time, so a layer has at most one dispatch in flight; a step that failed between
@@ -305,14 +299,14 @@ _dispatcher_ids = itertools.count()
 @torch.library.custom_op("moe_runtime::dispatch_experts", mutates_args=())
 def dispatch_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, dispatcher: int, layer: int) -> torch.Tensor:
     """`Dispatcher.dispatch` as an operator that torch.compile keeps opaque: -> a ticket [1]
-    int64 (the layer) that `combine_experts` redeems; the combine's data dependency on it keeps
-    the two in order inside a graph."""
+    int64 on the host (the layer) that `combine_experts` redeems; the combine's data dependency
+    on it keeps the two in order inside a graph."""
     return torch.tensor([_dispatchers[dispatcher].park(layer, x, ids, weights)])
 
 
 @dispatch_experts.register_fake
 def _(x, ids, weights, dispatcher, layer):
-    return x.new_empty(1, dtype=torch.int64)
+    return torch.empty(1, dtype=torch.int64)
 
 
 @torch.library.custom_op("moe_runtime::combine_experts", mutates_args=())
@@ -337,7 +331,7 @@ class RemoteExperts(nn.Module):
     def __init__(self, layer: int, dispatcher: Dispatcher):
         super().__init__()
         self.layer = layer
-        self.dispatcher_id = dispatcher.register()
+        self.dispatcher_id = dispatcher.id
 
     def dispatch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return dispatch_experts(x, ids, weights, self.dispatcher_id, self.layer), x

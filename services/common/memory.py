@@ -19,7 +19,7 @@ def keep_freed_memory(threshold_bytes: int = MAX_MMAP_THRESHOLD) -> bool:
     A decode step allocates and frees buffers of the same sizes every step. With glibc's
     defaults, an attention worker's step thread (not the main thread, so not the main arena) got
     many of them back as fresh pages and faulted them in again: 7.5 ms of kernel time per
-    batch-16 step of a compiled worker here, 1.1 ms with this. The cost is memory the process
+    batch-16 step of a compiled worker here, 1.1-1.4 ms with this. The cost is memory the process
     keeps after a peak. Returns whether the C library took the settings (False off glibc)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
