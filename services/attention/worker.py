@@ -78,6 +78,9 @@ class AttentionWorker:
             if isinstance(block.ffn, MoE):
                 block.ffn.experts = RemoteExperts(block.layer, self.dispatcher)
         self.engine = Engine(self.model, cache_tokens=cache_tokens, max_batch=max_batch, compile_cpu=compile_decode)
+        if compile_decode and self.engine.device.type != "cpu":
+            event(log, "--compile-decode applies to CPU workers only; ignored", level=logging.WARNING,
+                  device=str(self.engine.device))
         if isinstance(self.engine.graphs, CompiledDecoder):
             started = time.monotonic()
             event(log, "compiling decode graphs before serving (~20-45 s each on CPU)")
