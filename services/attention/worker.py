@@ -8,6 +8,8 @@ import threading
 import time
 
 import redis
+import torch
+from torch.torch_version import TorchVersion
 
 from model.checkpoint import load_model
 from model.compiled_decode import CompiledDecoder
@@ -22,6 +24,9 @@ from services.common.redis_store import Keys, read_plan
 from services.transport.base import Transport
 
 log = get_logger("attention.worker")
+
+# the first torch whose compiled graphs pass a dispatch failure on to the caller (2.13.0, pinned)
+COMPILED_REMOTE_EXPERTS_TORCH = "2.13"
 
 
 class PlanWatcher:
@@ -69,6 +74,9 @@ class AttentionWorker:
                  cache_tokens: int, max_batch: int, dispatch_timeout_s: float = 10.0, compile_decode: bool = False):
         """compile_decode: CPU decode steps of up to 16 sequences run graphs compiled by
         torch.compile, each compiled here before serving (see `CompiledDecoder`)."""
+        if compile_decode and TorchVersion(torch.__version__) < COMPILED_REMOTE_EXPERTS_TORCH:
+            # 2.11's C++ wrapper crashed the process when a dispatch failed inside the graph
+            raise ValueError(f"--compile-decode needs torch >= {COMPILED_REMOTE_EXPERTS_TORCH} (this is {torch.__version__})")
         self.model = load_model(model_dir, dtype=dtype, device=device, with_routed_experts=False)
         self.cfg = self.model.cfg
         self.codec = TextCodec.for_model(model_dir)
