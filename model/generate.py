@@ -154,8 +154,9 @@ class Engine:
         else:
             self.graphs = None
         self.max_batch = max_batch
-        # decode steps by path: "graph" (a captured CUDA graph or a compiled one) or "eager"
-        self.decode_steps: dict[str, int] = {"graph": 0, "eager": 0}
+        # how the last step decoded: "graph" (a captured CUDA graph or a compiled one), "eager",
+        # or None when it only admitted
+        self.decoded_by: str | None = None
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._ids = itertools.count()
@@ -217,10 +218,10 @@ class Engine:
         ids, lengths = [s.id for s in batch], [s.cached_tokens for s in batch]
         if self.graphs is not None and self.graphs.handles(len(batch)):
             logits = self.graphs.decode(tokens, ids, lengths)
-            self.decode_steps["graph"] += 1
+            self.decoded_by = "graph"
         else:
             logits = self.model.decode(tokens, self.cache, ids, lengths)
-            self.decode_steps["eager"] += 1
+            self.decoded_by = "eager"
         picks = sample_rows(logits, [(s.request.sampling, s.generator) for s in batch])
         return [self._record(s, token, logprob) for s, (token, logprob) in zip(batch, picks)]
 
@@ -228,6 +229,7 @@ class Engine:
         """Admit what fits (prefill gives each its first token), then one decode step for the
         sequences that were already running. Finished sequences leave and free their cache."""
         decoding = [s for s in self.running if s.finish_reason is None]
+        self.decoded_by = None
         events = self._admit()
         if decoding:
             events += self._decode(decoding)

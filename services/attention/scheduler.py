@@ -184,7 +184,6 @@ class Scheduler:
             if self.engine.idle:
                 continue
             wait_before = self._step_wait_seconds()
-            paths_before = dict(self.engine.decode_steps)
             started = time.perf_counter()
             try:
                 with self._step_context():
@@ -202,9 +201,8 @@ class Scheduler:
             STEP_SECONDS.labels("total").observe(elapsed)
             STEP_SECONDS.labels("dispatch_wait").observe(waited)
             STEP_SECONDS.labels("local_compute").observe(max(elapsed - waited, 0.0))
-            for path, steps in self.engine.decode_steps.items():
-                if steps > paths_before[path]:
-                    DECODE_STEPS.labels(path).inc(steps - paths_before[path])
+            if self.engine.decoded_by is not None:
+                DECODE_STEPS.labels(self.engine.decoded_by).inc()
             self._deliver(events)
             KV_USED.set(self.engine.cache.used_tokens)
             ACTIVE.set(len(self.engine.running))
