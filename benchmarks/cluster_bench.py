@@ -125,7 +125,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dispatch-dtype", default="fp32", choices=["fp32", "bf16", "fp8"])
-    parser.add_argument("--transport", default="grpc", choices=["grpc", "ucx"])
+    parser.add_argument("--transport", default="auto", choices=["auto", "grpc", "ucx"],
+                        help="expert data path, as `moe up --transport` [auto: UCX where ucxx is installed]")
     parser.add_argument("--attention-workers", type=int, default=1)
     parser.add_argument("--compile-decode", action="store_true",
                         help="compiled decode steps in the attention workers, and an in-process compiled side")
@@ -145,7 +146,7 @@ def main() -> int:
             client = Client(cluster.gateway_endpoint, timeout=600)
             print(f"model: {sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M parameters, fp32; prompt {PROMPT_LEN}; "
                   f"cluster: {args.attention_workers} attention worker(s){' compiling decode' if args.compile_decode else ''}, "
-                  f"2 expert shards, {args.transport} dispatch in {args.dispatch_dtype}; "
+                  f"2 expert shards, {'ucx' if cluster.serves_ucx else 'grpc'} dispatch in {args.dispatch_dtype}; "
                   f"{cluster.torch_threads} torch thread(s) per process")
             peers = {"in-process": (time_ours, ours)}
             if args.compile_decode:

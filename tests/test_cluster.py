@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from model.checkpoint import load_model
+from model.config import ModelConfig
 from model.generate import Engine, GenerationRequest, SamplingParams
 from moe.v1 import inference_pb2, inference_pb2_grpc
 from services.client import Client, ClientError
 from services.common import redis_store
 from services.common.plan import Plan
-from services.launcher.cluster import LocalCluster
+from services.launcher.cluster import LocalCluster, split_experts
 
 pytestmark = pytest.mark.cluster
 
@@ -229,6 +230,45 @@ def test_all_replicas_of_a_shard_gone_fails_fast_naming_the_experts_then_recover
                 raise
             time.sleep(0.2)
     assert result.tokens == reference[0][0]
+
+
+def dispatch_bytes(cluster: LocalCluster) -> dict[str, float]:
+    """Bytes the attention workers dispatched, by transport."""
+    out: dict[str, float] = {}
+    for name in cluster.names("attention"):
+        port = cluster.processes[name].metrics_port
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        for line in text.splitlines():
+            if line.startswith("moe_dispatch_bytes_total{") and 'direction="dispatch"' in line:
+                transport = line.split('transport="')[1].split('"')[0]
+                out[transport] = out.get(transport, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_the_default_transport_takes_ucx_where_a_shard_offers_it_and_grpc_elsewhere(v3_checkpoint, reference, tmp_path):
+    """`moe up`'s default (auto): shards listen on UCX where ucxx is installed and workers use it;
+    a replica started without a UCX listener is still served over gRPC, with the same tokens."""
+    from services.transport.ucx_transport import ucx_available
+
+    if not ucx_available()[0]:
+        pytest.skip(f"ucxx cannot be imported: {ucx_available()[1]}")
+    path, _ = v3_checkpoint
+    first, last = split_experts(ModelConfig.from_model_dir(path).n_routed_experts, 2)[1]
+    plain = f"shard-{first}-{last}.r0"  # told to open no UCX listener (flags given last win)
+    with LocalCluster(path, shards=2, replicas=1, attention_workers=1, dispatch_dtype="fp32", run_dir=tmp_path,
+                      transport="auto", extra_args={plain: ["--ucx-port", "0"]}) as running:
+        assert running.serves_ucx
+        store, keys = redis_store.connect(running.redis_url), redis_store.Keys(running.cluster)
+        endpoints = {r.id: r.endpoints for r in redis_store.list_replicas(store, keys, "expert")}
+        assert set(endpoints) == set(running.names("expert")) and "ucx" not in endpoints[plain], endpoints
+        assert all("ucx" in e for name, e in endpoints.items() if name != plain), endpoints
+        results = run_concurrently(Client(running.gateway_endpoint, timeout=120), greedy_jobs()[:4])
+        sent = dispatch_bytes(running)
+    for result, (tokens, logprobs) in zip(results, reference):
+        assert not isinstance(result, Exception), result
+        assert result.tokens == tokens
+        assert max(abs(a - b) for a, b in zip(result.logprobs, logprobs)) <= 1e-4
+    assert sent.get("ucx", 0) > 0 and sent.get("grpc", 0) > 0, sent
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the cluster on a GPU)")

@@ -14,7 +14,7 @@ import torch
 
 from services.common.errors import InvalidArgument
 from services.transport import fp8, ucx_framing as wire
-from services.transport.base import ExpertBatch, ReplicaUnavailable
+from services.transport.base import ExpertBatch, ReplicaUnavailable, make_transport
 from services.transport.ucx_transport import UcxTransport, ucx_available
 
 UCX_OK, UCX_REASON = ucx_available()
@@ -256,6 +256,29 @@ def test_closed_client_fails_pending_and_new_work():
 def test_record_without_ucx_endpoint_is_unavailable():
     with pytest.raises(ReplicaUnavailable, match="no ucx endpoint"):
         UcxTransport("fp32").connect(Replica("r0", {"grpc": "127.0.0.1:50053"}))
+
+
+def test_auto_transport_takes_ucx_where_a_replica_offers_it_and_grpc_elsewhere(shared, monkeypatch):
+    from services.transport import auto
+    from services.transport.grpc_transport import GrpcExpertClient
+    from services.transport.ucx_transport import UcxExpertClient
+
+    both = Replica("r0", {"grpc": "127.0.0.1:9", "ucx": f"127.0.0.1:{shared.port}"})
+    grpc_only = Replica("r1", {"grpc": "127.0.0.1:9"})
+    transport = make_transport("auto", "fp32")
+    clients = [transport.connect(both), transport.connect(grpc_only)]
+    try:
+        assert isinstance(clients[0], UcxExpertClient) and isinstance(clients[1], GrpcExpertClient)
+        batch = _batch(4, 64, seed=5)
+        assert torch.equal(clients[0].submit(batch, timeout=30.0).result(timeout=60.0), _expected(batch))
+    finally:
+        for client in clients:
+            client.close()
+    # where ucxx cannot be found, every replica is reached over gRPC
+    monkeypatch.setattr(auto, "ucx_installed", lambda: False)
+    fallback = make_transport("auto", "fp32").connect(both)
+    assert isinstance(fallback, GrpcExpertClient)
+    fallback.close()
 
 
 def test_frame_layout_puts_small_sections_inline_and_large_ones_in_tails():

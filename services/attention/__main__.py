@@ -21,7 +21,7 @@ from services.common.logging import configure_logging, event, get_logger
 from services.common.memory import keep_freed_memory
 from services.common.redis_store import Keys, ReplicaRecord
 from services.common.server import Service
-from services.transport.base import DISPATCH_DTYPES, TRANSPORTS, make_transport
+from services.transport.base import DISPATCH_DTYPES, TRANSPORT_CHOICES, make_transport
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 log = get_logger("attention")
@@ -33,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_model_arguments(parser, weights=True)
     settings.add_plane_argument(parser)
     settings.add_replica_id_argument(parser)
-    parser.add_argument("--transport", choices=TRANSPORTS, default=settings.env("MOE_TRANSPORT", "grpc"),
-                        help="expert data path [MOE_TRANSPORT, grpc]")
+    parser.add_argument("--transport", choices=TRANSPORT_CHOICES, default=settings.env("MOE_TRANSPORT", "auto"),
+                        help="expert data path: auto takes UCX to each replica that offers it where ucxx "
+                             "works, gRPC to the rest [MOE_TRANSPORT, auto]")
     parser.add_argument("--dispatch-dtype", choices=DISPATCH_DTYPES, default=settings.env("MOE_DISPATCH_DTYPE"),
                         help="hidden states on the wire [MOE_DISPATCH_DTYPE, fp32 for fp32 models, else bf16]")
     parser.add_argument("--max-batch", type=int, default=int(settings.env("MOE_MAX_BATCH", "64")),

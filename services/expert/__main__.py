@@ -33,6 +33,7 @@ from services.common.settings import (
 from services.expert.servicer import SERVICE_NAME, ExpertShardServicer
 from services.common.expert_ids import format_expert_ids, parse_expert_ids
 from services.expert.shard import DEFAULT_CAPACITY_TOKENS, ExpertShard
+from services.transport.ucx_runtime import UcxUnavailable
 
 log = get_logger("expert")
 
@@ -64,11 +65,12 @@ def start_ucx(port: int, shard: ExpertShard):
     """The UCX listener, or None when UCX is not importable (logged; gRPC still serves)."""
     try:
         from services.transport.ucx_server import serve_ucx
-    except ImportError as err:
-        event(log, "ucx listener disabled: module not importable", level=logging.WARNING, error=str(err))
+
+        # tails land where the experts run: GPU to GPU over CUDA IPC or GPUDirect RDMA, no host hop
+        return serve_ucx(port, shard.submit, device=shard.device)
+    except (ImportError, UcxUnavailable) as err:
+        event(log, "ucx listener disabled: ucxx not importable", level=logging.WARNING, error=str(err))
         return None
-    # tails land where the experts run: GPU to GPU over CUDA IPC or GPUDirect RDMA, no host hop
-    return serve_ucx(port, shard.submit, device=shard.device)
 
 
 def main(argv: list[str] | None = None) -> int:

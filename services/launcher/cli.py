@@ -22,7 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--attention-workers", type=int, default=1, help="attention workers [1]")
         parser.add_argument("--port", type=int, default=50050, help="gateway gRPC port [50050]")
         parser.add_argument("--planes", type=int, default=1, help="network planes to spread replicas over [1]")
-        parser.add_argument("--transport", choices=("grpc", "ucx"), default="grpc", help="dispatch transport [grpc]")
+        parser.add_argument("--transport", choices=("auto", "grpc", "ucx"), default="auto",
+                            help="expert data path: auto serves and uses UCX where ucxx is installed, gRPC "
+                                 "otherwise [auto]")
         parser.add_argument("--dispatch-dtype", choices=("fp32", "bf16", "fp8"),
                             help="activation dtype on the wire [fp32 for fp32 models, else bf16]")
         parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),

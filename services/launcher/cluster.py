@@ -33,6 +33,7 @@ from typing import Callable
 import grpc
 
 from services.common.ports import free_ports
+from services.transport.base import TRANSPORT_CHOICES, ucx_installed
 from services.launcher.processes import (
     DEFAULT_STOP_TIMEOUT_S,
     HOST,
@@ -96,8 +97,8 @@ class LocalCluster:
         CUDA_VISIBLE_DEVICES, else every GPU the host has."""
         if replicas < 1 or attention_workers < 1 or planes < 1:
             raise ClusterError("--replicas, --attention-workers and --planes must each be >= 1")
-        if transport not in ("grpc", "ucx"):
-            raise ClusterError(f"--transport must be grpc or ucx, got {transport!r}")
+        if transport not in TRANSPORT_CHOICES:
+            raise ClusterError(f"--transport must be one of {', '.join(TRANSPORT_CHOICES)}, got {transport!r}")
         self.model_dir = Path(model_dir).resolve()
         self.n_experts = self._read_n_experts(self.model_dir)
         self.ranges = split_experts(self.n_experts, shards)
@@ -171,7 +172,7 @@ class LocalCluster:
             for r in range(self.replicas):
                 name = f"{shard}.r{r}"
                 port, metrics = take(), take()
-                ucx = take() if self.transport == "ucx" else 0
+                ucx = take() if self.serves_ucx else 0
                 plane = expert_plane(i, r, self.planes)
                 cmd = py + ["services.expert"] + weights() + common(name, port, metrics) + [
                     "--experts", f"{first}-{last}", "--shard", shard, "--replica-id", name,
@@ -211,6 +212,11 @@ class LocalCluster:
     @staticmethod
     def redis_url_for(port: int) -> str:
         return f"redis://{HOST}:{port}/0"
+
+    @property
+    def serves_ucx(self) -> bool:
+        """Whether shards get a UCX listener: asked for, or "auto" where ucxx is installed."""
+        return self.transport == "ucx" or (self.transport == "auto" and ucx_installed())
 
     @property
     def torch_threads(self) -> int:

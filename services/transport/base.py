@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import importlib
+import importlib.util
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -25,6 +26,8 @@ from services.common.errors import Unavailable
 
 DISPATCH_DTYPES = ("fp32", "bf16", "fp8")
 TRANSPORTS = ("grpc", "ucx")
+# "auto": UCX to every replica that offers it where ucxx works, gRPC to the rest
+TRANSPORT_CHOICES = ("auto",) + TRANSPORTS
 
 # Shared by every transport (a metric can be registered once per process). Labels:
 # transport = "grpc" | "ucx"; direction = "dispatch" (worker -> shard) | "combine" (shard -> worker).
@@ -104,9 +107,18 @@ def check_dispatch_dtype(dispatch_dtype: str) -> str:
     return dispatch_dtype
 
 
+def ucx_installed() -> bool:
+    """Whether ucxx can be found, without importing it (importing starts UCX)."""
+    return importlib.util.find_spec("ucxx") is not None
+
+
 def make_transport(name: str, dispatch_dtype: str, **options: Any) -> Transport:
-    """The transport called `name` ("grpc" or "ucx"); UCX is imported only here, on demand."""
+    """The transport called `name` ("auto", "grpc" or "ucx"); UCX is imported only here, on demand."""
     check_dispatch_dtype(dispatch_dtype)
+    if name == "auto":
+        from services.transport.auto import AutoTransport
+
+        return AutoTransport(dispatch_dtype)
     if name == "grpc":
         from services.transport.grpc_transport import GrpcTransport
 
@@ -119,4 +131,4 @@ def make_transport(name: str, dispatch_dtype: str, **options: Any) -> Transport:
         if not hasattr(module, "UcxTransport"):
             raise RuntimeError("services.transport.ucx_transport defines no UcxTransport class")
         return module.UcxTransport(dispatch_dtype, **options)
-    raise ValueError(f"transport '{name}' is not one of {', '.join(TRANSPORTS)}")
+    raise ValueError(f"transport '{name}' is not one of {', '.join(TRANSPORT_CHOICES)}")
