@@ -18,6 +18,7 @@ stopped and ClusterError names the culprit with the tail of its log.
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import itertools
 import json
 import os
@@ -33,7 +34,6 @@ from typing import Callable
 import grpc
 
 from services.common.ports import free_ports
-from services.transport.base import TRANSPORT_CHOICES, ucx_installed
 from services.launcher.processes import (
     DEFAULT_STOP_TIMEOUT_S,
     HOST,
@@ -51,6 +51,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 STOP_ORDER = ("gateway", "attention", "expert", "router", "redis")
 DEFAULT_READY_TIMEOUT_S = 180.0
 STATE_FILE = "cluster.json"
+# services.transport.base.TRANSPORT_CHOICES, kept here so that the launcher does not import torch
+TRANSPORT_CHOICES = ("auto", "grpc", "ucx")
 
 
 class ClusterError(RuntimeError):
@@ -216,7 +218,7 @@ class LocalCluster:
     @property
     def serves_ucx(self) -> bool:
         """Whether shards get a UCX listener: asked for, or "auto" where ucxx is installed."""
-        return self.transport == "ucx" or (self.transport == "auto" and ucx_installed())
+        return self.transport == "ucx" or (self.transport == "auto" and importlib.util.find_spec("ucxx") is not None)
 
     @property
     def torch_threads(self) -> int:

@@ -8,14 +8,20 @@ worker logs why once and keeps to gRPC.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import threading
 
 from services.common.logging import event, get_logger
-from services.transport.base import ExpertClient, ReplicaLike, Transport, check_dispatch_dtype, ucx_installed
+from services.transport.base import ExpertClient, ReplicaLike, Transport, check_dispatch_dtype, make_transport
 from services.transport.grpc_transport import GrpcTransport
 
 log = get_logger("transport.auto")
+
+
+def ucx_installed() -> bool:
+    """Whether ucxx can be found, without importing it (importing it starts UCX)."""
+    return importlib.util.find_spec("ucxx") is not None
 
 
 class AutoTransport(Transport):
@@ -31,8 +37,6 @@ class AutoTransport(Transport):
     def _ucx_transport(self) -> Transport | None:
         with self._lock:
             if self._ucx is None and not self._ucx_failed:
-                from services.transport.base import make_transport
-
                 try:
                     self._ucx = make_transport("ucx", self.dispatch_dtype)
                 except RuntimeError as err:  # UcxUnavailable, or the module failing to import

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import importlib
-import importlib.util
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -105,11 +104,6 @@ def check_dispatch_dtype(dispatch_dtype: str) -> str:
     if dispatch_dtype not in DISPATCH_DTYPES:
         raise ValueError(f"dispatch dtype '{dispatch_dtype}' is not one of {', '.join(DISPATCH_DTYPES)}")
     return dispatch_dtype
-
-
-def ucx_installed() -> bool:
-    """Whether ucxx can be found, without importing it (importing starts UCX)."""
-    return importlib.util.find_spec("ucxx") is not None
 
 
 def make_transport(name: str, dispatch_dtype: str, **options: Any) -> Transport:
