@@ -94,6 +94,8 @@ class LocalCluster:
                  gpus: list[str] | None = None, compile_decode: bool = False) -> None:
         """extra_args: more flags per process name or per kind (appended last, so they win).
         compile_decode: attention workers compile their CPU decode steps before serving.
+        transport: "grpc" (this API's default, which tests rely on), "ucx", or "auto" (`moe up`'s
+        default: shards listen on UCX where ucxx is installed, and workers use it where offered).
         gpus: with device "cuda", the GPU ids the shard replicas and attention workers are spread
         over, one per process in turn (CUDA_VISIBLE_DEVICES of each); default: the launcher's
         CUDA_VISIBLE_DEVICES, else every GPU the host has."""
