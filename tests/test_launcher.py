@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import secrets
@@ -78,6 +79,9 @@ def test_up_detach_status_down_leaves_no_process(v3_checkpoint, tmp_path):
         experts = {r["id"]: r for r in summary["replicas"] if r["kind"] == "expert"}
         assert experts["shard-0-3.r0"]["local_pid"] == pids["shard-0-3.r0"]
         assert experts["shard-4-7.r0"]["endpoints"]["grpc"] == state["processes"]["shard-4-7.r0"]["endpoint"]
+        # moe up's default data path: shards listen on UCX wherever ucxx is installed
+        ucx = {name: r["endpoints"].get("ucx", "") for name, r in experts.items()}
+        assert all(ucx.values()) == (importlib.util.find_spec("ucxx") is not None), ucx
 
         with Client(state["gateway_endpoint"], timeout=60) as client:
             result = client.generate(prompt_ids=[1, 2, 3], max_new_tokens=3, ignore_eos=True)
@@ -85,6 +89,8 @@ def test_up_detach_status_down_leaves_no_process(v3_checkpoint, tmp_path):
 
         table = moe("status", "--endpoint", state["router_endpoint"], timeout=30)
         assert table.returncode == 0 and "shard-4-7" in table.stdout and "plan version" in table.stdout
+        row = next(line.split() for line in table.stdout.splitlines() if line.startswith("expert") and "shard-4-7.r0" in line)
+        assert row[7] == (ucx["shard-4-7.r0"] or "-"), row   # the UCX column
     finally:
         down = moe("down", "--run-dir", str(run_dir), timeout=60)
     assert down.returncode == 0, down.stderr

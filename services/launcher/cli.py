@@ -230,11 +230,11 @@ def _ids(ids: list[int]) -> str:
 def format_table(summary: dict) -> str:
     lines = [f"plan version {summary['plan_version']}"
              + (f", cluster {summary['cluster']}, gateway {summary['gateway_endpoint']}" if summary.get("cluster") else "")]
-    rows = [("KIND", "ID", "SHARD", "EXPERTS", "PLANE", "STATE", "ENDPOINT", "PID")]
+    rows = [("KIND", "ID", "SHARD", "EXPERTS", "PLANE", "STATE", "ENDPOINT", "UCX", "PID")]
     for r in summary["replicas"]:
         pid = r.get("local_pid") or r["pid"]
         rows.append((r["kind"], r["id"], r["shard"] or "-", _ids(r["experts"]) if r["kind"] == "expert" else "-",
-                     str(r["plane"]), r["state"], r["endpoints"]["grpc"], str(pid)))
+                     str(r["plane"]), r["state"], r["endpoints"]["grpc"], r["endpoints"].get("ucx") or "-", str(pid)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.append("")
