@@ -75,16 +75,30 @@ def greedy_jobs() -> list[dict]:
     return [dict(prompt_ids=p, max_new_tokens=n, ignore_eos=True) for p, n in zip(PROMPTS, LENGTHS)]
 
 
+def counter(metrics_port: int, metric: str, by: str, **match: str) -> dict[str, float]:
+    """One process's counter `metric` summed by the value of its label `by`, over the samples
+    whose labels equal `match`."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(metric + "{") and all(f'{k}="{v}"' in line for k, v in match.items()):
+            key = line.split(f'{by}="')[1].split('"')[0]
+            out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def workers_counter(cluster: LocalCluster, metric: str, by: str, **match: str) -> dict[str, float]:
+    """`counter` summed over the cluster's attention workers."""
+    out: dict[str, float] = {}
+    for name in cluster.names("attention"):
+        for key, value in counter(cluster.processes[name].metrics_port, metric, by, **match).items():
+            out[key] = out.get(key, 0.0) + value
+    return out
+
+
 def decode_steps(cluster: LocalCluster) -> dict[str, float]:
     """The attention workers' decode steps by path (graph or eager), summed."""
-    out = {"graph": 0.0, "eager": 0.0}
-    for name in cluster.names("attention"):
-        port = cluster.processes[name].metrics_port
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        for line in text.splitlines():
-            if line.startswith("moe_attention_decode_steps_total{"):
-                out[line.split('path="')[1].split('"')[0]] += float(line.rsplit(" ", 1)[1])
-    return out
+    return {"graph": 0.0, "eager": 0.0} | workers_counter(cluster, "moe_attention_decode_steps_total", "path")
 
 
 def test_sixteen_concurrent_streams_match_transformers_and_in_process_logprobs(cluster, reference, v3_checkpoint):
@@ -115,12 +129,7 @@ def test_seeded_sampling_gives_the_same_tokens_in_and_out_of_the_cluster(cluster
 
 
 def plane_bytes(metrics_port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-    out = {"same_plane": 0.0, "cross_plane": 0.0}
-    for line in text.splitlines():
-        if line.startswith("moe_dispatch_plane_bytes_total{"):
-            out[line.split('crossing="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
-    return out
+    return {"same_plane": 0.0, "cross_plane": 0.0} | counter(metrics_port, "moe_dispatch_plane_bytes_total", "crossing")
 
 
 def test_workers_prefer_replicas_on_their_own_plane(cluster):
@@ -232,19 +241,6 @@ def test_all_replicas_of_a_shard_gone_fails_fast_naming_the_experts_then_recover
     assert result.tokens == reference[0][0]
 
 
-def dispatch_bytes(cluster: LocalCluster) -> dict[str, float]:
-    """Bytes the attention workers dispatched, by transport."""
-    out: dict[str, float] = {}
-    for name in cluster.names("attention"):
-        port = cluster.processes[name].metrics_port
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        for line in text.splitlines():
-            if line.startswith("moe_dispatch_bytes_total{") and 'direction="dispatch"' in line:
-                transport = line.split('transport="')[1].split('"')[0]
-                out[transport] = out.get(transport, 0.0) + float(line.rsplit(" ", 1)[1])
-    return out
-
-
 def test_the_default_transport_takes_ucx_where_a_shard_offers_it_and_grpc_elsewhere(v3_checkpoint, reference, tmp_path):
     """`moe up`'s default (auto): shards listen on UCX where ucxx is installed and workers use it;
     a replica started without a UCX listener is still served over gRPC, with the same tokens."""
@@ -263,7 +259,7 @@ def test_the_default_transport_takes_ucx_where_a_shard_offers_it_and_grpc_elsewh
         assert set(endpoints) == set(running.names("expert")) and "ucx" not in endpoints[plain], endpoints
         assert all("ucx" in e for name, e in endpoints.items() if name != plain), endpoints
         results = run_concurrently(Client(running.gateway_endpoint, timeout=120), greedy_jobs()[:4])
-        sent = dispatch_bytes(running)
+        sent = workers_counter(running, "moe_dispatch_bytes_total", "transport", direction="dispatch")
     for result, (tokens, logprobs) in zip(results, reference):
         assert not isinstance(result, Exception), result
         assert result.tokens == tokens
