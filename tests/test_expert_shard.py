@@ -225,7 +225,6 @@ def test_bf16_and_prequantised_fp8_dispatch_stay_close(server, v3_checkpoint):
 
 
 def test_fp8_dispatch_through_the_transport_codec(server, v3_checkpoint):
-    pytest.importorskip("services.transport.fp8", reason="services/transport/fp8.py not written yet")
     _, hf = v3_checkpoint
     batch = random_batch(1, 6, seed=31)
     ref = hf_reference(hf, 1, batch.hidden, batch.expert_ids, batch.weights)
