@@ -98,9 +98,13 @@ class CompiledDecoder:
             context = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
         else:
             log.info("first CPU decode step for %s: compiles the graph unless this model has it (~20-45 s)", graph)
-            # dynamo reads the flag while tracing, to make the parameters the graph's constants
-            large = len(seqs) > STREAMED_ROWS
-            context = torch._inductor.config.patch(freezing=True) if large else contextlib.nullcontext()
+            # read while tracing: the norms' eps and the gates' scales become constants of the
+            # graph (as dynamic floats, each was a tensor built before every step); past
+            # STREAMED_ROWS, the parameters too
+            context = contextlib.ExitStack()
+            context.enter_context(torch._dynamo.config.patch(specialize_float=True))
+            if len(seqs) > STREAMED_ROWS:
+                context.enter_context(torch._inductor.config.patch(freezing=True))
         step = compiled_steps(self.model)[graph]
         with context:
             logits, latents = step(self.model, tokens, positions, self.cache.pool, index, bias[:, None, :])
