@@ -37,6 +37,7 @@ import weakref
 
 import torch
 import torch._inductor.config
+import torch.fx.experimental._config
 
 from model.cuda_graph import raise_recompile_limit
 from model.kv_cache import LatentKVCache
@@ -100,9 +101,12 @@ class CompiledDecoder:
             log.info("first CPU decode step for %s: compiles the graph unless this model has it (~20-45 s)", graph)
             # read while tracing: the norms' eps and the gates' scales become constants of the
             # graph (as dynamic floats, each was a tensor built before every step); past
-            # STREAMED_ROWS, the parameters too
+            # STREAMED_ROWS, the parameters too. Without duck shaping, a context length that
+            # happens to equal a weight's size (the head count, say) is not made one with it and
+            # then specialised: the graph would fail on the next length, guards being skipped
             context = contextlib.ExitStack()
             context.enter_context(torch._dynamo.config.patch(specialize_float=True))
+            context.enter_context(torch.fx.experimental._config.patch(use_duck_shape=False))
             if len(seqs) > STREAMED_ROWS:
                 context.enter_context(torch._inductor.config.patch(freezing=True))
         step = compiled_steps(self.model)[graph]
