@@ -217,5 +217,9 @@ def mha_kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = BF16, kv_heads: 
     return cfg.num_hidden_layers * heads * (cfg.qk_head_dim + cfg.v_head_dim) * dtype_bytes
 
 
-def gqa_kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = BF16) -> int:
+def gqa_kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = BF16) -> int | None:
+    """The same model as GQA with `GQA_KV_GROUPS` KV heads; None when it has no more attention
+    heads than that, since grouping would then cache as much as MHA or more."""
+    if cfg.num_attention_heads <= GQA_KV_GROUPS:
+        return None
     return mha_kv_bytes_per_token(cfg, dtype_bytes, kv_heads=GQA_KV_GROUPS)

@@ -7,6 +7,7 @@ the DeepSeek-V3 model card), so a count is right when it lies within half a bill
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -75,6 +76,14 @@ def test_latent_kv_cache_is_70272_bytes_per_token_for_deepseek_v3(v3):
     # MLA caches one latent per layer; full keys and values, even for 8 KV heads, cost more.
     assert accounting.kv_bytes_per_token(v3) < accounting.gqa_kv_bytes_per_token(v3) < accounting.mha_kv_bytes_per_token(v3)
     assert accounting.mha_kv_bytes_per_token(v3) == 61 * 128 * (192 + 128) * 2
+
+
+def test_gqa_comparison_needs_more_attention_heads_than_gqa_kv_heads(v3):
+    def gqa(heads: int) -> int | None:
+        return accounting.gqa_kv_bytes_per_token(dataclasses.replace(v3, num_attention_heads=heads))
+
+    assert gqa(4) is None and gqa(accounting.GQA_KV_GROUPS) is None
+    assert gqa(accounting.GQA_KV_GROUPS + 1) == 61 * accounting.GQA_KV_GROUPS * (192 + 128) * 2
 
 
 def test_fp8_checkpoints_store_one_byte_per_weight_plus_block_scales(v3, v3_checkpoint):

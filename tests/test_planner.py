@@ -13,6 +13,7 @@ from model.config import ModelConfig
 from model.presets import preset_path
 from services.cli import main
 from services.planner import estimate, load, profiles, values
+from services.planner.cli import percent
 from services.planner.estimate import PAPER_ASSUMPTIONS, Deployment, plan
 
 VALUES = Path(__file__).parent / "data" / "plan-values.yaml"
@@ -178,3 +179,47 @@ def test_plot_without_matplotlib_says_how_to_install_it(capsys, tmp_path, monkey
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
     rc, _, err = run_cli(capsys, "plan", "--preset", "deepseek-v3", "--sweep", "tokens-per-device=8,16", "--plot", str(tmp_path / "c.png"))
     assert rc == 2 and "pip install matplotlib" in err
+
+
+# ---- what the table warns about ------------------------------------------------------------------
+# The 8-plane CI chart's deployment: 16 expert slots on each of 32 GPUs, one attention worker.
+EIGHT_PLANES = ("plan", "--preset", "deepseek-v3", "--ep-width", "32", "--experts-per-gpu", "16", "--redundant-experts", "256",
+                "--planes", "8", "--attention-workers", "1")
+
+
+def test_a_batch_larger_than_the_kv_cache_holds_is_flagged_in_table_and_json(capsys):
+    rc, out, _ = run_cli(capsys, *EIGHT_PLANES, "--attention-batch", "1", "--json")
+    room = json.loads(out)["max_sequences_per_attention_worker"]
+    assert rc == 0 and room > 1
+
+    rc, out, _ = run_cli(capsys, *EIGHT_PLANES, "--attention-batch", str(room), "--json")
+    assert json.loads(out)["batch_fits_kv_cache"] is True
+    rc, out, _ = run_cli(capsys, *EIGHT_PLANES, "--attention-batch", str(room))
+    assert "WARNING" not in out
+
+    rc, out, _ = run_cli(capsys, *EIGHT_PLANES, "--attention-batch", str(room + 1), "--json")
+    assert json.loads(out)["batch_fits_kv_cache"] is False
+    rc, out, _ = run_cli(capsys, *EIGHT_PLANES, "--attention-batch", str(room + 1))
+    (warning,) = [line for line in out.splitlines() if line.startswith("WARNING")]
+    assert f"{room + 1:,}.0 sequences per attention worker, room for {room:,}" in warning
+
+
+def test_a_batch_fits_by_whole_sequences_despite_float_noise(v3):
+    e = plan(v3, H800, Deployment())
+    assert replace(e, sequences_per_attention_worker=261.00000000000006, max_sequences_per_attention_worker=261).batch_fits_kv_cache
+    # A mean of 260.5 puts 261 sequences on half the workers.
+    assert not replace(e, sequences_per_attention_worker=260.5, max_sequences_per_attention_worker=260).batch_fits_kv_cache
+
+
+@pytest.mark.parametrize(
+    ("fraction", "shown"),
+    [(0.0, "0%"), (0.0004, "<0.1%"), (0.0047, "0.5%"), (0.0096, "1%"), (0.7, "70%")],
+)
+def test_a_small_nonzero_share_is_not_printed_as_0_percent(fraction, shown):
+    assert percent(fraction) == shown
+
+
+def test_expert_gemm_utilisation_at_a_small_batch_shows_its_decimal(capsys):
+    rc, out, _ = run_cli(capsys, *EIGHT_PLANES, "--attention-batch", "256")
+    (gemm,) = [line for line in out.splitlines() if line.strip().startswith("expert GEMM")]
+    assert rc == 0 and gemm.endswith("(0.5% of FP8 peak)")

@@ -68,8 +68,16 @@ def report(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-def _billions(n: float) -> str:
-    return f"{n / 1e9:,.2f} B"
+PARAMETER_UNITS = ((1e9, "B"), (1e6, "M"), (1e3, "K"))
+
+
+def parameter_count(n: int) -> str:
+    """`n` in the largest unit it reaches, so small models and small categories stay readable."""
+    for scale, suffix in PARAMETER_UNITS:
+        # Judged after rounding, so 999,999 reads 1.00 M rather than 1,000.00 K.
+        if round(n / scale, 2) >= 1:
+            return f"{n / scale:,.2f} {suffix}"
+    return f"{n:,}"
 
 
 def format_table(info: dict[str, Any]) -> str:
@@ -79,18 +87,19 @@ def format_table(info: dict[str, Any]) -> str:
         ("layers (MoE / MTP)", f"{info['layers']} ({info['moe_layers']} / {info['mtp_modules']})"),
         ("experts", f"{info['routed_experts']} routed, {info['shared_experts']} shared, {info['experts_per_token']} per token"),
         ("", ""),
-        ("parameters, total", _billions(p["total"])),
-        ("  activated per token", _billions(p["activated_per_token"])),
-        *((f"  {name}", _billions(n)) for name, n in p["by_category"].items() if name != "mtp"),
-        ("MTP modules (as stored)", _billions(p["mtp"])),
-        ("  not shared with main", _billions(p["mtp_unique"])),
-        ("total with MTP", _billions(p["total_with_mtp"])),
+        ("parameters, total", parameter_count(p["total"])),
+        ("  activated per token", parameter_count(p["activated_per_token"])),
+        *((f"  {name}", parameter_count(n)) for name, n in p["by_category"].items() if name != "mtp"),
+        ("MTP modules (as stored)", parameter_count(p["mtp"])),
+        ("  not shared with main", parameter_count(p["mtp_unique"])),
+        ("total with MTP", parameter_count(p["total_with_mtp"])),
         ("", ""),
         ("KV cache per token (BF16)", f"{kv['mla_bytes_per_token']:,} bytes (latent MLA)"),
         ("  per layer", f"{kv['mla_bytes_per_token_per_layer']:,} bytes"),
         ("  as MHA", f"{kv['mha_bytes_per_token']:,} bytes (K {kv['mha_head_dims']['key']} + V {kv['mha_head_dims']['value']} per head)"),
-        ("  as GQA, 8 KV heads", f"{kv['gqa8_bytes_per_token']:,} bytes"),
     ]
+    if kv["gqa8_bytes_per_token"] is not None:
+        rows.append(("  as GQA, 8 KV heads", f"{kv['gqa8_bytes_per_token']:,} bytes"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}".rstrip() for name, value in rows)
 

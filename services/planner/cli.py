@@ -97,6 +97,15 @@ def _parse_sweep(spec: str) -> tuple[str, list[float]]:
 US = 1e6
 
 
+def percent(fraction: float) -> str:
+    """Whole percent, with a decimal (or "<0.1%") where that would round a nonzero share to 0%."""
+    if fraction == 0 or round(fraction * 100) >= 1:
+        return f"{fraction:.0%}"
+    if round(fraction * 100, 1) >= 0.1:
+        return f"{fraction:.1%}"
+    return "<0.1%"
+
+
 def format_estimate(e: estimate.Estimate, omissions: dict[str, float]) -> str:
     layer, d = e.moe_layer, e.deployment
     rows = [
@@ -107,7 +116,7 @@ def format_estimate(e: estimate.Estimate, omissions: dict[str, float]) -> str:
         ("  combine bytes/token", f"{layer.combine_bytes_per_token:,.0f} ({d.combine_dtype})"),
         ("  communication", f"{layer.communication_s * US:.2f} us"),
         ("  attention", f"{layer.attention_s * US:.2f} us"),
-        ("  expert GEMM", f"{layer.expert_gemm_s * US:.2f} us ({layer.expert_flop_utilisation:.0%} of FP8 peak)"),
+        ("  expert GEMM", f"{layer.expert_gemm_s * US:.2f} us ({percent(layer.expert_flop_utilisation)} of FP8 peak)"),
         ("  layer", f"{layer.layer_s * US:.2f} us, bound by {layer.bound}"),
         ("per step", f"{e.moe_layers_in_step} MoE + {e.dense_layers_in_step} dense layers, {e.step_s * 1e3:.2f} ms"),
         ("TPOT", f"{e.tpot_s * 1e3:.2f} ms"),
@@ -116,6 +125,8 @@ def format_estimate(e: estimate.Estimate, omissions: dict[str, float]) -> str:
         ("KV bytes per token", f"{e.kv_bytes_per_token:,}"),
         ("sequences per attention worker", f"{e.sequences_per_attention_worker:,.1f} (fits: {e.max_sequences_per_attention_worker:,} at {d.context_length} tokens)"),
     ]
+    if not e.batch_fits_kv_cache:
+        rows.append(("WARNING", f"the batch does not fit the KV cache: {e.sequences_per_attention_worker:,.1f} sequences per attention worker, room for {e.max_sequences_per_attention_worker:,}"))
     rows += [(f"  undo {name}", f"TPOT x {ratio:.2f}") for name, ratio in omissions.items()]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

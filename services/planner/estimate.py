@@ -110,8 +110,16 @@ class Estimate:
     max_sequences_per_attention_worker: int
     bound: str
 
+    @property
+    def batch_fits_kv_cache(self) -> bool:
+        """Whether every attention worker's sequences fit its KV cache. A fractional mean means some
+        workers hold one sequence more; rounding first drops the float noise the batch picks up
+        on its way through tokens_per_device."""
+        return math.ceil(round(self.sequences_per_attention_worker, 6)) <= self.max_sequences_per_attention_worker
+
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
+        out["batch_fits_kv_cache"] = self.batch_fits_kv_cache
         out["deployment"]["expert_load"] = f"{len(self.deployment.expert_load)} layers" if self.deployment.expert_load else "uniform"
         return out
 
