@@ -54,6 +54,9 @@ class GenerationRequest:
         bad = [t for t in self.prompt if not 0 <= t < cfg.vocab_size]
         if bad:
             raise InputError(f"token ids {bad[:5]} are outside the vocabulary [0, {cfg.vocab_size})")
+        bad = [t for t in self.stop_token_ids if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise InputError(f"stop token ids {bad[:5]} are outside the vocabulary [0, {cfg.vocab_size})")
         if self.max_new_tokens <= 0:
             raise InputError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
         total = len(self.prompt) + self.max_new_tokens

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from model.errors import ModelError
@@ -24,7 +25,16 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 class CliError(Exception):
-    """A user-facing failure: printed as one line, exit status 2."""
+    """Bad input: printed as one line, exit status 2."""
+
+    status = 2
+
+
+class ServiceError(CliError):
+    """The input was fine but a service could not serve it (unreachable, deadline passed, out of
+    capacity): printed as one line, exit status 1, so scripts can tell an outage from bad input."""
+
+    status = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,11 +59,19 @@ def main(argv: list[str] | None = None) -> int:
     args.command = name
     try:
         return int(module.run(args) or 0)
-    except (CliError, ModelError) as err:
+    except CliError as err:
+        print(f"moe {name}: {err}", file=sys.stderr)
+        return err.status
+    except ModelError as err:
         print(f"moe {name}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader went away (`moe inspect --json | head`): stop quietly, as Unix tools do, and
+        # keep Python from failing again when it flushes stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

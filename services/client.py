@@ -16,6 +16,7 @@ event code) and the server's message. Needs only grpcio and the generated protos
 from __future__ import annotations
 
 import argparse
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -35,6 +36,11 @@ FINISH_REASONS = {
     inference_pb2.FINISH_REASON_CANCELLED: "cancelled",
     inference_pb2.FINISH_REASON_UNSPECIFIED: "unspecified",
 }
+# `moe generate --endpoint`: HOST:PORT, [IPv6]:PORT or a unix: socket (gRPC alone would take a
+# bare host to mean port 443)
+ENDPOINT = re.compile(r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]+):\d{1,5}|unix:.+")
+# statuses that mean the request itself was wrong; any other is the cluster failing to serve it
+BAD_INPUT_CODES = {"INVALID_ARGUMENT", "OUT_OF_RANGE"}
 
 
 class ClientError(Exception):
@@ -256,13 +262,11 @@ def router_endpoint_from_redis(redis_url: str, cluster: str) -> str | None:
 
 def generate_cli(args: argparse.Namespace) -> int:
     """`moe generate --endpoint HOST:PORT ...`: the same flags and output as the in-process path."""
-    from services.cli import CliError
+    from services.cli import CliError, ServiceError
     from services.commands.generate import _ids, print_result
 
-    if args.max_new_tokens < 1:
-        raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.seed is not None and args.seed < 0:
-        raise CliError(f"--seed must be >= 0, got {args.seed}")
+    if not ENDPOINT.fullmatch(args.endpoint):
+        raise CliError(f"--endpoint must be HOST:PORT, got {args.endpoint!r}")
     prompt_ids = _ids(args.prompt_ids, "--prompt-ids") if args.prompt_ids is not None else None
     stops: Sequence[int] = ()
     ignore_eos = args.ignore_eos
@@ -275,6 +279,7 @@ def generate_cli(args: argparse.Namespace) -> int:
                                      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                      seed=args.seed, stop_token_ids=stops, ignore_eos=ignore_eos)
     except ClientError as err:
-        raise CliError(f"{err.code}: {err.message}") from None
+        failure = CliError if err.code in BAD_INPUT_CODES else ServiceError
+        raise failure(f"{err.code}: {err.message}") from None
     print_result(result.to_dict(), args.json)
     return 0

@@ -159,3 +159,19 @@ def test_convert_refuses_an_fp8_source(tmp_path, v3_checkpoint, capsys):
     assert moe(["convert", "--fp8", str(v3_checkpoint[0]), str(dst)]) == 0
     assert moe(["convert", "--fp8", str(dst), str(tmp_path / "again")]) == 2
     assert "already quantised" in capsys.readouterr().err
+
+
+def test_converted_weights_are_readable_by_other_users(tmp_path, v3_checkpoint):
+    # servers often run as another user than the one who converted (a pod's uid, say)
+    dst = tmp_path / "fp8"
+    assert moe(["convert", "--fp8", str(v3_checkpoint[0]), str(dst)]) == 0
+    weights = list(dst.glob("*.safetensors"))
+    assert weights and all(path.stat().st_mode & 0o044 == 0o044 for path in weights)
+
+
+def test_convert_to_a_place_that_cannot_be_written_is_one_line(tmp_path, v3_checkpoint, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert moe(["convert", "--fp8", str(v3_checkpoint[0]), str(blocker / "fp8")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"moe convert: cannot write {blocker / 'fp8'}: ") and "\n" not in err

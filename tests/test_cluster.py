@@ -148,6 +148,7 @@ def test_workers_prefer_replicas_on_their_own_plane(cluster):
     "kwargs, message",
     [
         (dict(prompt_ids=[1, 999999], max_new_tokens=4), "outside the vocabulary"),
+        (dict(prompt_ids=[1, 2], max_new_tokens=4, stop_token_ids=[999999]), "stop token ids [999999]"),
         (dict(prompt_ids=[], max_new_tokens=4), "prompt"),
         (dict(prompt_ids=[1, 2], max_new_tokens=100000), "context limit"),
         (dict(prompt_ids=[1, 2], max_new_tokens=4, temperature=-0.5), "temperature"),

@@ -224,11 +224,32 @@ def test_unreachable_endpoint_is_a_client_error_not_a_grpc_exception():
     assert err.value.code == "UNAVAILABLE"
 
 
-def test_generate_cli_reports_one_line_and_exit_2(capsys):
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--max-new-tokens", "-2"], "--max-new-tokens must be >= 1, got -2"),
+        (["--timeout", "-1"], "--timeout must be > 0 seconds, got -1.0"),
+        (["--device", "cuda"], "--device applies to --model only; a cluster's workers choose their own"),
+        (["--dtype", "bfloat16"], "--dtype applies to --model only; a cluster's workers choose their own"),
+    ],
+)
+def test_generate_cli_reports_bad_input_in_one_line_and_exit_2(capsys, argv, message):
     from services.cli import main
 
-    assert main(["generate", "--endpoint", "127.0.0.1:1", "--prompt-ids", "1,2", "--max-new-tokens", "-2"]) == 2
-    assert capsys.readouterr().err.strip() == "moe generate: --max-new-tokens must be >= 1, got -2"
-    assert main(["generate", "--endpoint", "127.0.0.1:1", "--prompt-ids", "1", "--timeout", "2"]) == 2
+    assert main(["generate", "--endpoint", "127.0.0.1:1", "--prompt-ids", "1,2", *argv]) == 2
+    assert capsys.readouterr().err.strip() == f"moe generate: {message}"
+
+
+def test_generate_cli_wants_a_port_rather_than_grpcs_default_443(capsys):
+    from services.cli import main
+
+    assert main(["generate", "--endpoint", "127.0.0.1", "--prompt-ids", "1"]) == 2
+    assert capsys.readouterr().err.strip() == "moe generate: --endpoint must be HOST:PORT, got '127.0.0.1'"
+
+
+def test_generate_cli_tells_an_outage_from_bad_input_by_exit_status(capsys):
+    from services.cli import main
+
+    assert main(["generate", "--endpoint", "127.0.0.1:1", "--prompt-ids", "1", "--timeout", "2"]) == 1
     line = capsys.readouterr().err.strip()
     assert line.startswith("moe generate: UNAVAILABLE: ") and "\n" not in line

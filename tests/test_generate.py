@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -115,6 +118,9 @@ def test_moe_generate_json(v3_checkpoint, capsys):
     [
         (["--prompt-ids", "1,x"], "--prompt-ids must be comma-separated integers"),
         (["--prompt-ids", "1,999"], "outside the vocabulary"),
+        (["--prompt-ids", "1", "--stop-ids", "999"], "stop token ids [999] are outside the vocabulary"),
+        (["--prompt-ids", "1", "--max-new-tokens", "-5"], "--max-new-tokens must be >= 1, got -5"),
+        (["--prompt-ids", "1", "--device", "foo"], "--device must be cpu or cuda[:N], got 'foo'"),
         (["--prompt", "hello"], "needs a tokenizer.json"),
     ],
 )
@@ -127,3 +133,15 @@ def test_moe_generate_bad_input_is_one_line(v3_checkpoint, capsys, argv, message
 def test_moe_generate_missing_model_dir(tmp_path, capsys):
     assert moe(["generate", "--model", str(tmp_path / "nope"), "--prompt-ids", "1"]) == 2
     assert "model directory not found" in capsys.readouterr().err
+
+
+def test_a_reader_that_goes_away_ends_the_cli_quietly():
+    # `moe inspect --json | head -1`: the pipe closes before moe has written everything
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, "-m", "services.cli", "inspect", "--preset", "deepseek-v3", "--json"],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141 and done.stderr == ""

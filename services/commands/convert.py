@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -25,14 +26,29 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("dst", help="destination directory (created; must not hold a checkpoint)")
 
 
+def readable_by_all(directory: Path) -> None:
+    """safetensors writes weight files owner-only (0600); give them the mode any other new file
+    gets (0644 under the usual umask), so servers running as another user can read them."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in directory.glob("*.safetensors"):
+        path.chmod(0o666 & ~umask)
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _convert(Path(args.src), Path(args.dst))
+    except OSError as err:
+        raise CliError(f"cannot write {args.dst}: {err.strerror or err}") from None
+
+
+def _convert(src: Path, dst: Path) -> int:
     from safetensors.torch import save_file
 
     from model.checkpoint import Checkpoint
     from model.config import ModelConfig
     from model.fp8 import quantize_weight
 
-    src, dst = Path(args.src), Path(args.dst)
     cfg = ModelConfig.from_model_dir(src)
     if cfg.quantization is not None:
         raise CliError(f"{src} is already quantised ({cfg.quantization.get('quant_method', '?')})")
@@ -62,5 +78,6 @@ def run(args: argparse.Namespace) -> int:
     for extra in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if (src / extra).is_file():
             shutil.copy(src / extra, dst / extra)
+    readable_by_all(dst)
     print(f"wrote FP8 checkpoint to {dst}")
     return 0

@@ -13,6 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from services.commands.convert import readable_by_all
+
 DEMO_CONFIG = dict(
     vocab_size=320,
     hidden_size=64,
@@ -69,6 +71,7 @@ def write_demo_model(path: str | Path, seed: int = 0) -> Path:
     model.eval()
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
+    readable_by_all(path)
     return path
 
 

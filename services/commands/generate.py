@@ -17,19 +17,20 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")
     prompt.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer.json)")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="default: 32")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; default: 1")
+    parser.add_argument("--top-k", type=int, default=0, help="default: 0, no limit")
+    parser.add_argument("--seed", type=int, default=None, help="same seed, same tokens; default: none")
     parser.add_argument("--stop-ids", default=None, help="comma-separated stop token ids (default: the model's EOS)")
     parser.add_argument("--ignore-eos", action="store_true", help="generate max-new-tokens whatever comes")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's torch_dtype")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (with --model)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="with --model; default: the checkpoint's torch_dtype")
+    parser.add_argument("--device", help="cpu or cuda[:N], with --model; default: cpu")
     parser.add_argument("--fp8-experts", choices=["auto", "on", "off"], default="auto",
                         help="routed experts as block-scaled FP8 GEMMs (GPUs with FP8 tensor cores); "
-                        "auto: when the checkpoint's experts are FP8 and the device can")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds (with --endpoint)")
+                        "auto (default): when the checkpoint's experts are FP8 and the device can")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds, with --endpoint; default: 600")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -41,9 +42,19 @@ def _ids(text: str, flag: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 1:
+        raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.seed is not None and args.seed < 0:
+        raise CliError(f"--seed must be >= 0, got {args.seed}")
     if args.endpoint:
         from services.client import generate_cli
 
+        # a cluster's workers hold the model: these would be silently ignored
+        for flag, value in (("--device", args.device), ("--dtype", args.dtype)):
+            if value is not None:
+                raise CliError(f"{flag} applies to --model only; a cluster's workers choose their own")
+        if not args.timeout > 0:
+            raise CliError(f"--timeout must be > 0 seconds, got {args.timeout}")
         return generate_cli(args)
     return _run_local(args)
 
@@ -57,10 +68,17 @@ def _run_local(args: argparse.Namespace) -> int:
 
     codec = require_codec(args.model) if args.prompt is not None else TextCodec.for_model(args.model)
     prompt = codec.encode(args.prompt) if args.prompt is not None else _ids(args.prompt_ids, "--prompt-ids")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    device = args.device or "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise CliError(f"--device must be cpu or cuda[:N], got {device!r}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
         raise CliError("--device cuda was asked for but no CUDA device is available")
+    if kind not in ("cpu", "cuda"):
+        raise CliError(f"--device must be cpu or cuda[:N], got {device!r}")
     fp8_experts = {"auto": None, "on": True, "off": False}[args.fp8_experts]
-    model = load_model(args.model, dtype=args.dtype, device=args.device, fp8_experts=fp8_experts)
+    model = load_model(args.model, dtype=args.dtype, device=device, fp8_experts=fp8_experts)
     stops = () if args.ignore_eos else model.cfg.eos_token_ids
     if args.stop_ids is not None:
         stops = tuple(_ids(args.stop_ids, "--stop-ids"))
