@@ -4,25 +4,63 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from services.client import Client
-from services.launcher.cluster import LocalCluster, expert_plane, split_experts, visible_gpus
+from services.launcher.cluster import (
+    ClusterError,
+    LocalCluster,
+    check_device,
+    expert_plane,
+    split_experts,
+    visible_gpus,
+)
 from services.launcher.processes import cluster_pids, pid_alive
 
 pytestmark = pytest.mark.cluster
 
 MOE = [sys.executable, "-c", "import sys; from services.cli import main; sys.exit(main())"]
+NO_CUDA = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the same answer on hosts with GPUs
 
 
-def moe(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([*MOE, *args], capture_output=True, text=True, timeout=timeout)
+def moe(*args: str, timeout: float = 240, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*MOE, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def assert_refused_before_starting(up: subprocess.CompletedProcess, run_dir, message: str) -> None:
+    """One line, exit status 2, and no run directory: `moe up` creates it before its first process."""
+    assert (up.returncode, up.stderr) == (2, f"moe up: {message}\n")
+    assert up.stdout == ""
+    assert not run_dir.exists()
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """`moe up`'s run directory in tests that expect it refused; should it start a cluster after all,
+    the cluster is stopped."""
+    path = tmp_path / "run"
+    yield path
+    if (path / "cluster.json").exists():
+        moe("down", "--run-dir", str(path), timeout=60)
+
+
+@pytest.fixture
+def listening_port():
+    """A loopback port something is listening on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
 
 
 def test_experts_split_evenly_and_replicas_of_a_shard_sit_on_different_planes():
@@ -99,11 +137,78 @@ def test_up_detach_status_down_leaves_no_process(v3_checkpoint, tmp_path):
     assert cluster_pids(cluster) == []
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "cuda"], "--device cuda was asked for but no CUDA device is available"),
+    (["--device", "cuda:0"], "--device cuda:0 was asked for but no CUDA device is available"),
+    (["--device", "foo"], "--device must be cpu or cuda[:N], got 'foo'"),
+    (["--device", "meta"], "--device must be cpu or cuda[:N], got 'meta'"),
+    (["--port", "70000"], "--port must be between 1 and 65535 (or 0 for any free port), got 70000"),
+    (["--port", "-1"], "--port must be between 1 and 65535 (or 0 for any free port), got -1"),
+    (["--shards", "0"], "--shards must be between 1 and the model's 8 routed experts, got 0"),
+    (["--shards", "9"], "--shards must be between 1 and the model's 8 routed experts, got 9"),
+    (["--replicas", "0"], "--replicas must be >= 1, got 0"),
+    (["--attention-workers", "0"], "--attention-workers must be >= 1, got 0"),
+    (["--planes", "0"], "--planes must be >= 1, got 0"),
+    (["--timeout", "0"], "--timeout must be > 0 seconds, got 0.0"),
+    (["--shards", "8", "--replicas", "128"],
+     "8 shard(s) x 128 replica(s) + 1 attention worker(s) is 1025 processes; one machine runs at most 1024"),
+])
+def test_up_refuses_bad_flags_in_one_line_before_starting_anything(v3_checkpoint, run_dir, flags, message):
+    model_dir, _ = v3_checkpoint
+    up = moe("up", "--model", str(model_dir), "--run-dir", str(run_dir), "--port", "0", "--detach", *flags,
+             env=NO_CUDA)
+    assert_refused_before_starting(up, run_dir, message)
+
+
+def test_cuda_device_index_must_be_one_this_host_has(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_device("cuda")
+    check_device("cuda:1")
+    with pytest.raises(ClusterError) as refused:
+        check_device("cuda:2")
+    assert str(refused.value) == "--device cuda:2 was asked for but only 2 CUDA device(s) are visible"
+
+
+def test_up_checks_the_model_before_the_port(v3_checkpoint, tmp_path, run_dir, listening_port):
+    """A missing model is the problem to report, not a busy port; with the model fine, the port is."""
+    model_dir, _ = v3_checkpoint
+    missing = tmp_path / "nonexistent"
+    up = moe("up", "--model", str(missing), "--port", str(listening_port), "--run-dir", str(run_dir), "--detach")
+    assert_refused_before_starting(up, run_dir,
+                                   f"cannot read the model at {missing}: model directory not found: {missing}")
+    up = moe("up", "--model", str(model_dir), "--port", str(listening_port), "--run-dir", str(run_dir), "--detach")
+    assert_refused_before_starting(up, run_dir,
+                                   f"port {listening_port} is in use; choose another gateway port with --port")
+
+
+def test_up_refuses_a_checkpoint_without_its_weight_files(v3_checkpoint, tmp_path, run_dir):
+    model_dir, _ = v3_checkpoint
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    shutil.copy(model_dir / "config.json", config_only / "config.json")
+    up = moe("up", "--model", str(config_only), "--run-dir", str(run_dir), "--port", "0", "--detach")
+    assert_refused_before_starting(up, run_dir, f"cannot read the model at {config_only}: no *.safetensors files "
+                                                f"and no model.safetensors.index.json")
+
+    half_copied = tmp_path / "half-copied"
+    shutil.copytree(model_dir, half_copied)
+    weight_files = sorted(half_copied.glob("*.safetensors"))
+    assert len(weight_files) > 1
+    weight_files[-1].unlink()
+    up = moe("up", "--model", str(half_copied), "--run-dir", str(run_dir), "--port", "0", "--detach")
+    assert_refused_before_starting(up, run_dir, f"cannot read the model at {half_copied}: 1 of the "
+                                                f"{len(weight_files)} weight files missing or unreadable, "
+                                                f"e.g. {weight_files[-1].name}")
+
+
 def test_process_failing_to_start_is_named_and_nothing_is_left(v3_checkpoint, tmp_path):
     model_dir, _ = v3_checkpoint
-    broken = tmp_path / "config-only"  # the router starts (config only); shards and workers cannot load weights
+    # the router starts (it reads the config only); shards and workers find none of their tensors
+    broken = tmp_path / "no-model-tensors"
     broken.mkdir()
     shutil.copy(model_dir / "config.json", broken / "config.json")
+    save_file({"unrelated": torch.zeros(1)}, broken / "model.safetensors")
     cluster = f"t-{secrets.token_hex(4)}"
     up = moe("up", "--model", str(broken), "--shards", "2", "--replicas", "1", "--attention-workers", "1",
              "--port", "0", "--run-dir", str(tmp_path / "run"), "--cluster", cluster, "--detach", "--timeout", "120")

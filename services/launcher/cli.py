@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--shards", type=int, default=2, help="expert shards; experts split evenly [2]")
         parser.add_argument("--replicas", type=int, default=1, help="replicas of each shard [1]")
         parser.add_argument("--attention-workers", type=int, default=1, help="attention workers [1]")
-        parser.add_argument("--port", type=int, default=50050, help="gateway gRPC port [50050]")
+        parser.add_argument("--port", type=int, default=50050, help="gateway gRPC port; 0 picks a free one [50050]")
         parser.add_argument("--planes", type=int, default=1, help="network planes to spread replicas over [1]")
         parser.add_argument("--transport", choices=("auto", "grpc", "ucx"), default="auto",
                             help="expert data path: auto serves and uses UCX where ucxx is installed, gRPC "
@@ -64,9 +64,20 @@ class _Stop(Exception):
 
 def _up(args: argparse.Namespace) -> int:
     from services.common.ports import port_is_open
-    from services.launcher.cluster import ClusterError, LocalCluster, pid_alive, read_state
+    from services.launcher.cluster import ClusterError, LocalCluster, check_device, pid_alive, read_state
 
+    # What the user asked for (flags, device, model) is checked before what the machine is doing
+    # (a cluster in the run directory, the gateway port), and all of it before anything starts.
     run_dir = Path(args.run_dir)
+    try:
+        check_device(args.device)
+        cluster = LocalCluster(args.model, shards=args.shards, replicas=args.replicas,
+                               attention_workers=args.attention_workers, planes=args.planes,
+                               transport=args.transport, dispatch_dtype=args.dispatch_dtype, dtype=args.dtype,
+                               run_dir=run_dir, gateway_port=args.port, device=args.device, cluster=args.cluster,
+                               ready_timeout=args.timeout, progress=_say, compile_decode=args.compile_decode)
+    except ClusterError as err:
+        raise CliError(str(err)) from None
     try:
         previous = read_state(run_dir)
     except ClusterError:
@@ -76,14 +87,6 @@ def _up(args: argparse.Namespace) -> int:
                        f"stop it with `moe down --run-dir {args.run_dir}`")
     if args.port and port_is_open("127.0.0.1", args.port):
         raise CliError(f"port {args.port} is in use; choose another gateway port with --port")
-    try:
-        cluster = LocalCluster(args.model, shards=args.shards, replicas=args.replicas,
-                               attention_workers=args.attention_workers, planes=args.planes,
-                               transport=args.transport, dispatch_dtype=args.dispatch_dtype, dtype=args.dtype,
-                               run_dir=run_dir, gateway_port=args.port, device=args.device, cluster=args.cluster,
-                               ready_timeout=args.timeout, progress=_say, compile_decode=args.compile_decode)
-    except ClusterError as err:
-        raise CliError(str(err)) from None
 
     stop_requested = threading.Event()
 
