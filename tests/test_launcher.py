@@ -220,3 +220,14 @@ def test_process_failing_to_start_is_named_and_nothing_is_left(v3_checkpoint, tm
     assert started and not [p for p in started if pid_alive(p)]       # Redis, router: stopped
     assert cluster_pids(cluster) == []                                   # no service left at all
     assert not (tmp_path / "run" / "cluster.json").exists()
+
+
+def test_status_of_a_router_that_cannot_be_reached_exits_1_not_2():
+    # an outage, not bad input: scripts tell the two apart by the exit status
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        port = held.getsockname()[1]
+        status = moe("status", "--endpoint", f"127.0.0.1:{port}", timeout=60)
+    assert status.returncode == 1 and status.stdout == ""
+    assert status.stderr.startswith(f"moe status: router 127.0.0.1:{port}: UNAVAILABLE: ")
+    assert status.stderr.count("\n") == 1

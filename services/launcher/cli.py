@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from services.cli import CliError
+from services.cli import CliError, ServiceError
 
 DEFAULT_RUN_DIR = ".run"
 
@@ -166,7 +166,7 @@ def _status(args: argparse.Namespace) -> int:
         with RouterClient(endpoint) as router:
             status = router.cluster_status()
     except ClientError as err:
-        raise CliError(f"router {endpoint}: {err.code}: {err.message}") from None
+        raise ServiceError(f"router {endpoint}: {err.code}: {err.message}") from None
     summary = summarize(status, local)
     if args.json:
         json.dump(summary, sys.stdout)
