@@ -19,7 +19,8 @@ from moe.v1 import inference_pb2, inference_pb2_grpc
 from services.client import Client, ClientError
 from services.common import redis_store
 from services.common.plan import Plan
-from services.launcher.cluster import LocalCluster, split_experts
+from services.launcher.cluster import LocalCluster
+from services.launcher.preflight import split_experts
 
 pytestmark = pytest.mark.cluster
 

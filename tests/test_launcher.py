@@ -17,14 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 from services.client import Client
-from services.launcher.cluster import (
-    ClusterError,
-    LocalCluster,
-    check_device,
-    expert_plane,
-    split_experts,
-    visible_gpus,
-)
+from services.launcher.cluster import ClusterError, LocalCluster, expert_plane, visible_gpus
+from services.launcher.preflight import check_device, split_experts
 from services.launcher.processes import cluster_pids, pid_alive
 
 pytestmark = pytest.mark.cluster

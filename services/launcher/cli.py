@@ -64,7 +64,8 @@ class _Stop(Exception):
 
 def _up(args: argparse.Namespace) -> int:
     from services.common.ports import port_is_open
-    from services.launcher.cluster import ClusterError, LocalCluster, check_device, pid_alive, read_state
+    from services.launcher.cluster import ClusterError, LocalCluster, pid_alive, read_state
+    from services.launcher.preflight import check_device
 
     # What the user asked for (flags, device, model) is checked before what the machine is doing
     # (a cluster in the run directory, the gateway port), and all of it before anything starts.

@@ -34,6 +34,13 @@ from typing import Callable
 import grpc
 
 from services.common.ports import free_ports
+from services.launcher.preflight import (
+    ClusterError,
+    check_flags,
+    check_weight_files,
+    read_n_experts,
+    split_experts,
+)
 from services.launcher.processes import (
     DEFAULT_STOP_TIMEOUT_S,
     HOST,
@@ -51,49 +58,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 STOP_ORDER = ("gateway", "attention", "expert", "router", "redis")
 DEFAULT_READY_TIMEOUT_S = 180.0
 STATE_FILE = "cluster.json"
-# services.transport.base.TRANSPORT_CHOICES, kept here so that the launcher does not import torch
-TRANSPORT_CHOICES = ("auto", "grpc", "ucx")
-# Shard replicas and attention workers on one machine: more is a typo, and would need more ports
-# than free_ports finds below the ephemeral range.
-MAX_MODEL_PROCESSES = 1024
-
-
-class ClusterError(RuntimeError):
-    """The cluster could not start (or be found); the message names the process and its log."""
-
-
-def split_experts(n_experts: int, shards: int) -> list[tuple[int, int]]:
-    """Contiguous (first, last) expert ranges, as even as possible: shard i gets [i*E/N, (i+1)*E/N)."""
-    if not 1 <= shards <= n_experts:
-        raise ClusterError(f"--shards must be between 1 and the model's {n_experts} routed experts, got {shards}")
-    return [(i * n_experts // shards, (i + 1) * n_experts // shards - 1) for i in range(shards)]
 
 
 def expert_plane(shard: int, replica: int, planes: int) -> int:
     """Replicas of one shard sit on different planes while there are planes enough."""
     return (shard + replica) % planes
-
-
-def check_device(device: str) -> None:
-    """ClusterError unless `device` is cpu or a CUDA device this host has: otherwise every shard and
-    worker fails on it, each with a traceback, and only after Redis and the router have started."""
-    if device == "cpu":
-        return  # the default needs no torch, whose import would add seconds to every CPU `moe up`
-    import torch
-
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        parsed = None
-    if parsed is None or parsed.type not in ("cpu", "cuda"):
-        raise ClusterError(f"--device must be cpu or cuda[:N], got {device!r}")
-    if parsed.type != "cuda":
-        return
-    if not torch.cuda.is_available():
-        raise ClusterError(f"--device {device} was asked for but no CUDA device is available")
-    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise ClusterError(f"--device {device} was asked for but only {torch.cuda.device_count()} CUDA "
-                           f"device(s) are visible")
 
 
 def visible_gpus() -> list[str]:
@@ -124,24 +93,11 @@ class LocalCluster:
         gpus: with device "cuda", the GPU ids the shard replicas and attention workers are spread
         over, one per process in turn (CUDA_VISIBLE_DEVICES of each); default: the launcher's
         CUDA_VISIBLE_DEVICES, else every GPU the host has."""
-        for flag, count in (("--replicas", replicas), ("--attention-workers", attention_workers),
-                            ("--planes", planes)):
-            if count < 1:
-                raise ClusterError(f"{flag} must be >= 1, got {count}")
-        if not 0 <= gateway_port <= 65535:
-            raise ClusterError(f"--port must be between 1 and 65535 (or 0 for any free port), got {gateway_port}")
-        if not ready_timeout > 0:
-            raise ClusterError(f"--timeout must be > 0 seconds, got {ready_timeout}")
-        if transport not in TRANSPORT_CHOICES:
-            raise ClusterError(f"--transport must be one of {', '.join(TRANSPORT_CHOICES)}, got {transport!r}")
+        check_flags(shards, replicas, attention_workers, planes, gateway_port, ready_timeout, transport)
         self.model_dir = Path(model_dir).resolve()
-        self.n_experts = self._read_n_experts(self.model_dir)
-        self._check_weight_files(self.model_dir)
+        self.n_experts = read_n_experts(self.model_dir)
+        check_weight_files(self.model_dir)
         self.ranges = split_experts(self.n_experts, shards)
-        model_processes = shards * replicas + attention_workers
-        if model_processes > MAX_MODEL_PROCESSES:
-            raise ClusterError(f"{shards} shard(s) x {replicas} replica(s) + {attention_workers} attention worker(s) "
-                               f"is {model_processes} processes; one machine runs at most {MAX_MODEL_PROCESSES}")
         self.shards, self.replicas, self.attention_workers, self.planes = shards, replicas, attention_workers, planes
         self.transport, self.dispatch_dtype, self.dtype, self.device = transport, dispatch_dtype, dtype, device
         self.run_dir = Path(run_dir if run_dir is not None else ".run").resolve()
@@ -160,46 +116,6 @@ class LocalCluster:
         self._started = False
         self._status = "starting"
         self._build()
-
-    # ---- configuration ----------------------------------------------------------------------
-    @staticmethod
-    def _read_n_experts(model_dir: Path) -> int:
-        from model.config import ModelConfig
-        from model.errors import ModelError
-
-        try:
-            cfg = ModelConfig.from_model_dir(model_dir)
-        except (ModelError, OSError) as err:
-            raise ClusterError(f"cannot read the model at {model_dir}: {err}") from None
-        if not cfg.moe_layers:
-            raise ClusterError(f"{model_dir} has no MoE layers; nothing to shard")
-        return cfg.n_routed_experts
-
-    @staticmethod
-    def _check_weight_files(model_dir: Path) -> None:
-        """Every safetensors file the shards and workers will open is there and readable, so that a
-        config-only or half-copied checkpoint fails before anything starts. Their names only: opening
-        them takes torch, which a launcher on CPU never imports."""
-        index = model_dir / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())
-            except (OSError, ValueError) as err:
-                raise ClusterError(f"cannot read the model at {model_dir}: {index.name}: {err}") from None
-            weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
-            if not (isinstance(weight_map, dict) and all(isinstance(name, str) for name in weight_map.values())):
-                raise ClusterError(f"cannot read the model at {model_dir}: {index.name} has no weight_map "
-                                   f"from tensor names to file names")
-            files = [model_dir / name for name in sorted(set(weight_map.values()))]
-        else:
-            files = sorted(model_dir.glob("*.safetensors"))
-            if not files:
-                raise ClusterError(f"cannot read the model at {model_dir}: no *.safetensors files and no "
-                                   f"{index.name}")
-        unreadable = [path.name for path in files if not (path.is_file() and os.access(path, os.R_OK))]
-        if unreadable:
-            raise ClusterError(f"cannot read the model at {model_dir}: {len(unreadable)} of the {len(files)} "
-                               f"weight files missing or unreadable, e.g. {unreadable[0]}")
 
     def _build(self) -> None:
         n_services = 3 + self.shards * self.replicas + self.attention_workers
