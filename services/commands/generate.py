@@ -8,6 +8,7 @@ import sys
 import time
 
 from services.cli import CliError
+from services.common.devices import check_device
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -60,8 +61,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_local(args: argparse.Namespace) -> int:
-    import torch
-
     from model.checkpoint import load_model
     from model.generate import Engine, GenerationRequest, SamplingParams
     from model.tokenizer import TextCodec, require_codec
@@ -70,13 +69,9 @@ def _run_local(args: argparse.Namespace) -> int:
     prompt = codec.encode(args.prompt) if args.prompt is not None else _ids(args.prompt_ids, "--prompt-ids")
     device = args.device or "cpu"
     try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise CliError(f"--device must be cpu or cuda[:N], got {device!r}") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise CliError("--device cuda was asked for but no CUDA device is available")
-    if kind not in ("cpu", "cuda"):
-        raise CliError(f"--device must be cpu or cuda[:N], got {device!r}")
+        check_device(device)
+    except ValueError as err:
+        raise CliError(str(err)) from None
     fp8_experts = {"auto": None, "on": True, "off": False}[args.fp8_experts]
     model = load_model(args.model, dtype=args.dtype, device=device, fp8_experts=fp8_experts)
     stops = () if args.ignore_eos else model.cfg.eos_token_ids

@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 from services.cli import CliError, ServiceError
+from services.launcher.preflight import TRANSPORT_CHOICES, check_device
 
 DEFAULT_RUN_DIR = ".run"
 
@@ -22,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--attention-workers", type=int, default=1, help="attention workers [1]")
         parser.add_argument("--port", type=int, default=50050, help="gateway gRPC port; 0 picks a free one [50050]")
         parser.add_argument("--planes", type=int, default=1, help="network planes to spread replicas over [1]")
-        parser.add_argument("--transport", choices=("auto", "grpc", "ucx"), default="auto",
+        parser.add_argument("--transport", choices=TRANSPORT_CHOICES, default="auto",
                             help="expert data path: auto serves and uses UCX where ucxx is installed, gRPC "
                                  "otherwise [auto]")
         parser.add_argument("--dispatch-dtype", choices=("fp32", "bf16", "fp8"),
@@ -65,7 +66,6 @@ class _Stop(Exception):
 def _up(args: argparse.Namespace) -> int:
     from services.common.ports import port_is_open
     from services.launcher.cluster import ClusterError, LocalCluster, pid_alive, read_state
-    from services.launcher.preflight import check_device
 
     # What the user asked for (flags, device, model) is checked before what the machine is doing
     # (a cluster in the run directory, the gateway port), and all of it before anything starts.

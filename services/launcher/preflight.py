@@ -8,6 +8,8 @@ import json
 import os
 from pathlib import Path
 
+from services.common.devices import check_device as check_device_flag
+
 # services.transport.base.TRANSPORT_CHOICES, kept here so that the launcher does not import torch
 TRANSPORT_CHOICES = ("auto", "grpc", "ucx")
 # Shard replicas and attention workers on one machine: more is a typo, and would need more ports
@@ -46,23 +48,10 @@ def split_experts(n_experts: int, shards: int) -> list[tuple[int, int]]:
 def check_device(device: str) -> None:
     """ClusterError unless `device` is cpu or a CUDA device this host has: otherwise every shard and
     worker fails on it, each with a traceback, and only after Redis and the router have started."""
-    if device == "cpu":
-        return  # the default needs no torch, whose import would add seconds to every CPU `moe up`
-    import torch
-
     try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        parsed = None
-    if parsed is None or parsed.type not in ("cpu", "cuda"):
-        raise ClusterError(f"--device must be cpu or cuda[:N], got {device!r}")
-    if parsed.type != "cuda":
-        return
-    if not torch.cuda.is_available():
-        raise ClusterError(f"--device {device} was asked for but no CUDA device is available")
-    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise ClusterError(f"--device {device} was asked for but only {torch.cuda.device_count()} CUDA "
-                           f"device(s) are visible")
+        check_device_flag(device)
+    except ValueError as err:
+        raise ClusterError(str(err)) from None
 
 
 def read_n_experts(model_dir: Path) -> int:
