@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                         default=settings.env("MOE_COMPILE_DECODE", "0").lower() in ("1", "true", "yes"),
                         help="CPU only: compile decode steps of up to 16 sequences with torch.compile before "
                              "serving (~20-45 s per graph, three graphs; faster steps after) [MOE_COMPILE_DECODE]")
+    parser.add_argument("--max-streams", type=int, default=int(settings.env("MOE_MAX_STREAMS", "4096")),
+                        help="calls served at once, queued requests included; past it new calls end "
+                             "RESOURCE_EXHAUSTED [MOE_MAX_STREAMS, 4096]")
     parser.add_argument("--dispatch-timeout", type=float, default=10.0, help="seconds to wait on one expert batch")
     parser.add_argument("--grace", type=float, default=10.0, help="shutdown grace period, seconds")
     return parser
@@ -55,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging("attention", args.log_level)
     keep_freed_memory()
-    if args.max_batch < 1 or args.kv_cache_tokens < 16:
-        print("attention: --max-batch must be >= 1 and --kv-cache-tokens >= 16", file=sys.stderr)
+    if args.max_batch < 1 or args.kv_cache_tokens < 16 or args.max_streams < 1:
+        print("attention: --max-batch and --max-streams must be >= 1 and --kv-cache-tokens >= 16", file=sys.stderr)
         return 2
     try:
         dtype = args.dtype or ModelConfig.from_model_dir(args.model).torch_dtype
@@ -73,11 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     client = redis_store.connect(args.redis_url, settings.redis_password())
     keys = Keys(args.cluster)
     watcher = PlanWatcher(client, keys, worker.plans).start()
-    worker.scheduler.start()
 
     replica_id = args.replica_id or settings.default_replica_id()
-    service = Service("attention", args, [SERVICE_NAME], max_workers=max(32, 2 * args.max_batch), grace_s=args.grace)
-    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(worker, replica_id, args.plane), service.server)
+    service = Service("attention", args, [SERVICE_NAME], max_workers=args.max_streams, grace_s=args.grace,
+                      asynchronous=True)
+    servicer = InferenceServicer(worker, replica_id, args.plane, service.loop)
+    inference_pb2_grpc.add_InferenceServicer_to_server(servicer, service.server)
+    worker.scheduler.start(servicer.publish)
     port = service.start()
     host = settings.advertise_host(args)
     registry = redis_store.Registry(client, keys, ReplicaRecord(

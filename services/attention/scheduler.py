@@ -1,19 +1,20 @@
 """Continuous batching for an attention worker: one thread owns the engine and steps it.
 
-gRPC handler threads `submit` requests and read their events from a per-request queue; the
-step thread admits new requests between steps, applies cancellations and deadlines, runs one
-engine step, and fans the token events out. A step that fails (no live replica for an expert)
-fails exactly the sequences that were in it; waiting requests are untouched.
+The server's handlers `submit` requests and `cancel` them; the step thread admits new requests
+between steps, applies cancellations and deadlines, runs one engine step, and hands every event
+of that iteration (tokens, finals, errors) to `publish` in one call, so the server wakes once per
+step however many streams it feeds. A step that fails (no live replica for an expert) fails
+exactly the sequences that were in it; waiting requests are untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Callable
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -40,24 +41,17 @@ ACTIVE = Gauge("moe_attention_active_sequences", "Sequences decoding now")
 QUEUED = Gauge("moe_attention_queued_sequences", "Sequences waiting for admission")
 
 
-@dataclass
+@dataclass(eq=False)
 class RequestHandle:
     request: GenerationRequest
     deadline: float | None  # time.monotonic() value, None for no deadline
-    events: queue.Queue = field(default_factory=queue.Queue)
     seq: Sequence | None = None
     last_token_at: float | None = None
     cancelled: bool = False
 
-    def stream(self):
-        """Yield ("token", TokenEvent) ... then ("final", Sequence) or raise the request's error."""
-        while True:
-            kind, payload = self.events.get()
-            if kind == "error":
-                raise payload
-            yield kind, payload
-            if kind == "final":
-                return
+
+# (handle, kind, payload): ("token", TokenEvent), then ("final", Sequence); or ("error", ServiceError)
+Event = tuple[RequestHandle, str, object]
 
 
 class Scheduler:
@@ -72,10 +66,14 @@ class Scheduler:
         self._by_seq: dict[int, RequestHandle] = {}
         self._wake = threading.Condition()
         self._stopping = False
+        self._outbox: list[Event] = []
+        self._publish: Callable[[list[Event]], None] = lambda events: None
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         KV_TOTAL.set(engine.cache.capacity_tokens)
 
-    def start(self) -> "Scheduler":
+    def start(self, publish: Callable[[list[Event]], None]) -> "Scheduler":
+        """publish: called from the step thread with each iteration's events, in order."""
+        self._publish = publish
         self._thread.start()
         return self
 
@@ -88,8 +86,8 @@ class Scheduler:
             self._stopping = True
             self._wake.notify()
         self._thread.join(timeout=5.0)
-        for handle in list(self._by_seq.values()) + self._incoming:
-            handle.events.put(("error", Unavailable("worker is shutting down")))
+        left = list(self._by_seq.values()) + self._incoming
+        self._publish([(handle, "error", Unavailable("worker is shutting down")) for handle in left])
 
     # ---- called from gRPC threads ----------------------------------------------------------
     def submit(self, request: GenerationRequest, deadline: float | None) -> RequestHandle:
@@ -128,7 +126,7 @@ class Scheduler:
         if handle.seq is not None:
             self.engine.cancel(handle.seq)  # frees its cache blocks now (no-op when finished)
             self._by_seq.pop(handle.seq.id, None)
-        handle.events.put(("error", error) if error else ("final", handle.seq))
+        self._outbox.append((handle, "error", error) if error else (handle, "final", handle.seq))
         REQUESTS.labels(outcome).inc()
 
     def _intake(self) -> None:
@@ -141,7 +139,7 @@ class Scheduler:
             try:
                 handle.seq = self.engine.add(handle.request)
             except (ModelError, CacheFull) as err:
-                handle.events.put(("error", err if isinstance(err, ModelError) else ResourceExhausted(str(err))))
+                self._outbox.append((handle, "error", err if isinstance(err, ModelError) else ResourceExhausted(str(err))))
                 continue
             self._by_seq[handle.seq.id] = handle
         for handle in cancelled:
@@ -164,10 +162,10 @@ class Scheduler:
                 TOKEN_LATENCY.observe(now - handle.last_token_at)
             handle.last_token_at = now
             TOKENS.inc()
-            handle.events.put(("token", ev))
+            self._outbox.append((handle, "token", ev))
             if ev.finish_reason is not None:
                 self._by_seq.pop(ev.seq.id, None)
-                handle.events.put(("final", ev.seq))
+                self._outbox.append((handle, "final", ev.seq))
                 REQUESTS.labels("ok").inc()
 
     def _fail_in_flight(self, error: ServiceError, outcome: str) -> None:
@@ -179,31 +177,36 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             self._intake()
+            if not self._stopping and not self.engine.idle:
+                self._step()
+            if self._outbox:
+                events, self._outbox = self._outbox, []
+                self._publish(events)
             if self._stopping:
                 return
-            if self.engine.idle:
-                continue
-            wait_before = self._step_wait_seconds()
-            started = time.perf_counter()
-            try:
-                with self._step_context():
-                    events = self.engine.step()
-            except ServiceError as err:
-                event(log, "step failed", level=logging.WARNING, error=str(err))
-                self._fail_in_flight(err, "unavailable")
-                continue
-            except Exception as err:  # noqa: BLE001 - a bug must not take the worker down silently
-                log.exception("step crashed")
-                self._fail_in_flight(Unavailable(f"worker step failed: {err}"), "internal")
-                continue
-            elapsed = time.perf_counter() - started
-            waited = self._step_wait_seconds() - wait_before
-            STEP_SECONDS.labels("total").observe(elapsed)
-            STEP_SECONDS.labels("dispatch_wait").observe(waited)
-            STEP_SECONDS.labels("local_compute").observe(max(elapsed - waited, 0.0))
-            if self.engine.decoded_by is not None:
-                DECODE_STEPS.labels(self.engine.decoded_by).inc()
-            self._deliver(events)
-            KV_USED.set(self.engine.cache.used_tokens)
-            ACTIVE.set(len(self.engine.running))
-            QUEUED.set(len(self.engine.waiting))
+
+    def _step(self) -> None:
+        wait_before = self._step_wait_seconds()
+        started = time.perf_counter()
+        try:
+            with self._step_context():
+                events = self.engine.step()
+        except ServiceError as err:
+            event(log, "step failed", level=logging.WARNING, error=str(err))
+            self._fail_in_flight(err, "unavailable")
+            return
+        except Exception as err:  # noqa: BLE001 - a bug must not take the worker down silently
+            log.exception("step crashed")
+            self._fail_in_flight(Unavailable(f"worker step failed: {err}"), "internal")
+            return
+        elapsed = time.perf_counter() - started
+        waited = self._step_wait_seconds() - wait_before
+        STEP_SECONDS.labels("total").observe(elapsed)
+        STEP_SECONDS.labels("dispatch_wait").observe(waited)
+        STEP_SECONDS.labels("local_compute").observe(max(elapsed - waited, 0.0))
+        if self.engine.decoded_by is not None:
+            DECODE_STEPS.labels(self.engine.decoded_by).inc()
+        self._deliver(events)
+        KV_USED.set(self.engine.cache.used_tokens)
+        ACTIVE.set(len(self.engine.running))
+        QUEUED.set(len(self.engine.waiting))

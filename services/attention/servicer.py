@@ -1,12 +1,18 @@
-"""moe.v1.Inference on an attention worker: protobuf <-> scheduler calls, nothing more."""
+"""moe.v1.Inference on an attention worker (grpc.aio): protobuf <-> scheduler calls, nothing more.
+
+The scheduler's step thread publishes each step's events in one call; `publish` hands them to
+the server's event loop with one wake-up, where each lands on its request's queue.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
 from model.generate import GenerationRequest, SamplingParams
 from moe.v1 import inference_pb2, inference_pb2_grpc
+from services.attention.scheduler import Event, RequestHandle
 from services.attention.worker import AttentionWorker
 from services.common.errors import InvalidArgument
 from services.common.logging import event, get_logger
@@ -47,43 +53,71 @@ def to_request(msg: inference_pb2.GenerateRequest, worker: AttentionWorker) -> G
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, worker: AttentionWorker, replica_id: str, plane: int):
+    def __init__(self, worker: AttentionWorker, replica_id: str, plane: int, loop: asyncio.AbstractEventLoop):
+        """loop: the event loop the server runs its calls on."""
         self.worker = worker
         self.replica_id = replica_id
         self.plane = plane
+        self.loop = loop
+        self._streams: dict[RequestHandle, asyncio.Queue] = {}
 
-    def Generate(self, request, context):
+    def publish(self, events: list[Event]) -> None:
+        """Called by the scheduler's step thread."""
+        self.loop.call_soon_threadsafe(self._fan_out, events)
+
+    def _fan_out(self, events: list[Event]) -> None:
+        for handle, kind, payload in events:
+            stream = self._streams.get(handle)
+            if stream is not None:  # None: the call already ended (cancelled by its client)
+                stream.put_nowait((kind, payload))
+
+    async def Generate(self, request, context):
         started = time.monotonic()
         gen = to_request(request, self.worker)
         remaining = context.time_remaining()
         deadline = started + remaining if remaining is not None and remaining < 1e8 else None
         handle = self.worker.scheduler.submit(gen, deadline)
-        context.add_callback(lambda: self.worker.scheduler.cancel(handle))
+        events = self._streams[handle] = asyncio.Queue()
+        finished = False
         event(log, "generate started", request_id=gen.request_id, prompt_tokens=len(gen.prompt),
               max_new_tokens=gen.max_new_tokens)
-        codec, ids = self.worker.codec, []
-        for kind, payload in handle.stream():
-            if kind == "token":
-                text = codec.delta(ids, payload.token) if codec is not None else ""
-                ids.append(payload.token)
+        try:
+            codec, ids = self.worker.codec, []
+            while True:
+                kind, payload = await events.get()
+                if kind == "error":
+                    finished = True
+                    raise payload
+                if kind == "token":
+                    text = codec.delta(ids, payload.token) if codec is not None else ""
+                    ids.append(payload.token)
+                    yield inference_pb2.GenerateResponse(
+                        request_id=gen.request_id,
+                        token=inference_pb2.TokenChunk(id=payload.token, logprob=payload.logprob, text=text,
+                                                       index=len(ids) - 1),
+                    )
+                    continue
+                finished = True
+                seq = payload
+                ttft = (seq.first_token_at - seq.submitted_at) * 1000 if seq.first_token_at else 0.0
+                usage = inference_pb2.Usage(
+                    prompt_tokens=len(gen.prompt), generated_tokens=len(seq.tokens),
+                    time_to_first_token_ms=ttft, total_time_ms=(time.monotonic() - started) * 1000,
+                )
+                event(log, "generate finished", request_id=gen.request_id, tokens=len(seq.tokens),
+                      reason=seq.finish_reason)
                 yield inference_pb2.GenerateResponse(
                     request_id=gen.request_id,
-                    token=inference_pb2.TokenChunk(id=payload.token, logprob=payload.logprob, text=text, index=len(ids) - 1),
+                    final=inference_pb2.Final(finish_reason=FINISH.get(seq.finish_reason, 0), usage=usage),
                 )
-                continue
-            seq = payload
-            ttft = (seq.first_token_at - seq.submitted_at) * 1000 if seq.first_token_at else 0.0
-            usage = inference_pb2.Usage(
-                prompt_tokens=len(gen.prompt), generated_tokens=len(seq.tokens),
-                time_to_first_token_ms=ttft, total_time_ms=(time.monotonic() - started) * 1000,
-            )
-            event(log, "generate finished", request_id=gen.request_id, tokens=len(seq.tokens), reason=seq.finish_reason)
-            yield inference_pb2.GenerateResponse(
-                request_id=gen.request_id,
-                final=inference_pb2.Final(finish_reason=FINISH.get(seq.finish_reason, 0), usage=usage),
-            )
+                return
+        finally:
+            # a client that cancels or whose deadline passes ends the call here: free its cache now
+            del self._streams[handle]
+            if not finished:
+                self.worker.scheduler.cancel(handle)
 
-    def GetLoad(self, request, context):
+    async def GetLoad(self, request, context):
         load = self.worker.scheduler.load()
         return inference_pb2.WorkerLoad(
             replica_id=self.replica_id, plane=self.plane, active_sequences=load["active"],

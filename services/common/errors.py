@@ -16,12 +16,14 @@ Servicers raise these (or let `model.errors.ModelError` through); they never cal
 
 It wraps unary-unary, unary-stream, stream-unary and stream-stream handlers; for streaming
 responses an error raised after some messages were sent still ends the call with its status.
+`AsyncErrorInterceptor` does the same for grpc.aio servers.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
-from typing import Any, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import grpc
 
@@ -141,11 +143,66 @@ class ErrorInterceptor(grpc.ServerInterceptor):
     def _abort(err: Exception, context: grpc.ServicerContext, method: str) -> None:
         if _already_aborted(context):
             raise err
-        mapped = status_for(err)
-        if mapped is None:
-            event(log, "unhandled error", level=logging.ERROR, method=method,
-                  error=f"{type(err).__name__}: {err}", exc_info=True)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
-        code, message = mapped
-        event(log, "request failed", level=logging.DEBUG, method=method, code=code.name, detail=message)
-        context.abort(code, message)
+        context.abort(*_reported_status(err, method))
+
+
+class AsyncErrorInterceptor(grpc.aio.ServerInterceptor):
+    """`ErrorInterceptor` for grpc.aio servers, whose handlers are coroutines and async generators."""
+
+    async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        kinds = (
+            ("unary_unary", grpc.unary_unary_rpc_method_handler, self._wrap_unary),
+            ("unary_stream", grpc.unary_stream_rpc_method_handler, self._wrap_stream),
+            ("stream_unary", grpc.stream_unary_rpc_method_handler, self._wrap_unary),
+            ("stream_stream", grpc.stream_stream_rpc_method_handler, self._wrap_stream),
+        )
+        for kind, make_handler, wrap in kinds:
+            behavior = getattr(handler, kind)
+            if behavior is None:
+                continue
+            if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
+                return handler  # a handler written with context.write: it maps nothing, so neither do we
+            return make_handler(wrap(behavior, method), request_deserializer=handler.request_deserializer,
+                                response_serializer=handler.response_serializer)
+        return handler
+
+    def _wrap_unary(self, behavior: Callable, method: str) -> Callable:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await behavior(request, context)
+            except Exception as err:  # noqa: BLE001 - mapped or reported as INTERNAL
+                await self._abort(err, context, method)
+
+        return wrapped
+
+    def _wrap_stream(self, behavior: Callable, method: str) -> Callable:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                async for message in behavior(request, context):
+                    yield message
+            except Exception as err:  # noqa: BLE001 - mapped or reported as INTERNAL
+                await self._abort(err, context, method)
+
+        return wrapped
+
+    @staticmethod
+    async def _abort(err: Exception, context: grpc.aio.ServicerContext, method: str) -> None:
+        if isinstance(err, grpc.aio.AbortError) or _already_aborted(context):
+            raise err
+        await context.abort(*_reported_status(err, method))
+
+
+def _reported_status(err: Exception, method: str) -> tuple[grpc.StatusCode, str]:
+    """The status a failed call ends with, logged: a bug with its traceback, a domain error in one line."""
+    mapped = status_for(err)
+    if mapped is None:
+        event(log, "unhandled error", level=logging.ERROR, method=method,
+              error=f"{type(err).__name__}: {err}", exc_info=True)
+        return grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}"
+    code, message = mapped
+    event(log, "request failed", level=logging.DEBUG, method=method, code=code.name, detail=message)
+    return code, message

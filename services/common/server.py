@@ -11,48 +11,62 @@ named service, server reflection, and Prometheus /metrics on `--metrics-port` (0
 On SIGTERM/SIGINT: health goes NOT_SERVING, the shutdown callbacks run (deregister, drain),
 `server.stop(grace)` lets in-flight calls finish, and `wait` returns 0. A second signal stops
 at once.
+
+`Service(..., asynchronous=True)` serves through grpc.aio instead, for services that stream to
+many clients at once (gateway, attention workers): a server-streaming call is then a coroutine
+on one event loop, not a thread of a pool, so the streams a process serves are not capped by
+its thread count, and a step's tokens reach all of them with one wake-up of that loop. The loop
+runs on a thread of its own (`Service.loop`); the rest of the API is the same.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import signal
 import threading
 from concurrent import futures
-from typing import Callable, Sequence
+from typing import Awaitable, Callable, Sequence, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common.errors import ErrorInterceptor
+from services.common.errors import AsyncErrorInterceptor, ErrorInterceptor
 from services.common.logging import event, get_logger
 
 log = get_logger("server")
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 DEFAULT_GRACE_S = 10.0
+SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", 256 << 20),
+    ("grpc.max_receive_message_length", 256 << 20),
+    ("grpc.so_reuseport", 0),
+    # accept the keepalive pings our clients send every 10 s (services.transport.grpc_transport),
+    # also between calls: by default a server answers them with GOAWAY "too_many_pings"
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+]
+T = TypeVar("T")
 
 
 def build_server(max_workers: int = 16, interceptors: Sequence[grpc.ServerInterceptor] = (),
                  options: Sequence[tuple[str, object]] = ()) -> grpc.Server:
     """A grpc.server with a thread pool and the error interceptor first in the chain."""
-    opts = [
-        ("grpc.max_send_message_length", 256 << 20),
-        ("grpc.max_receive_message_length", 256 << 20),
-        ("grpc.so_reuseport", 0),
-        # accept the keepalive pings our clients send every 10 s (services.transport.grpc_transport),
-        # also between calls: by default a server answers them with GOAWAY "too_many_pings"
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-        *options,
-    ]
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         interceptors=[ErrorInterceptor(), *interceptors],
-        options=opts,
+        options=[*SERVER_OPTIONS, *options],
     )
+
+
+def build_async_server(max_concurrent_rpcs: int | None = None) -> grpc.aio.Server:
+    """A grpc.aio server with the error interceptor; call it on the loop that will run it. Past
+    `max_concurrent_rpcs` calls at once, new ones end RESOURCE_EXHAUSTED instead of waiting."""
+    return grpc.aio.server(interceptors=[AsyncErrorInterceptor()], options=SERVER_OPTIONS,
+                           maximum_concurrent_rpcs=max_concurrent_rpcs)
 
 
 class Service:
@@ -60,21 +74,38 @@ class Service:
 
     def __init__(self, name: str, args: argparse.Namespace, service_names: Sequence[str],
                  *, max_workers: int = 16, grace_s: float = DEFAULT_GRACE_S,
-                 interceptors: Sequence[grpc.ServerInterceptor] = ()) -> None:
+                 interceptors: Sequence[grpc.ServerInterceptor] = (), asynchronous: bool = False) -> None:
+        """max_workers: the thread pool's size, or with `asynchronous` the calls served at once."""
         self.name = name
         self.host: str = args.host
         self.requested_port: int = args.port
         self.metrics_port: int = getattr(args, "metrics_port", 0)
         self.service_names = list(service_names)
         self.grace_s = grace_s
-        self.server = build_server(max_workers, interceptors)
-        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        if asynchronous:
+            if interceptors:
+                raise ValueError("an asynchronous Service takes no extra interceptors")
+            self.loop = asyncio.new_event_loop()
+            threading.Thread(target=self.loop.run_forever, name=f"{name}-aio", daemon=True).start()
+            self.server, self.health = self.run_in_loop(self._build_async(max_workers))
+        else:
+            self.server = build_server(max_workers, interceptors)
+            self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = 0
         self._shutdown_callbacks: list[Callable[[], None]] = []
         self._stop_requested = threading.Event()
         self._stopped = threading.Event()
         self._lock = threading.Lock()
+
+    @staticmethod
+    async def _build_async(max_concurrent_rpcs: int) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+        return build_async_server(max_concurrent_rpcs), health.aio.HealthServicer()
+
+    def run_in_loop(self, coroutine: Awaitable[T]) -> T:
+        """Run a coroutine on the server's event loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
 
     def on_shutdown(self, callback: Callable[[], None]) -> None:
         """Run `callback` during shutdown, after NOT_SERVING and before the server stops."""
@@ -83,7 +114,10 @@ class Service:
     def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for svc in ["", *self.service_names]:
-            self.health.set(svc, status)
+            if self.loop is None:
+                self.health.set(svc, status)
+            else:
+                self.run_in_loop(self.health.set(svc, status))
 
     def start(self) -> int:
         """Bind, start serving, mark SERVING; returns the bound gRPC port."""
@@ -98,7 +132,10 @@ class Service:
             raise SystemExit(f"{self.name}: cannot bind {address} (in use?)")
         if self.metrics_port:
             start_metrics_server(self.metrics_port, self.host)
-        self.server.start()
+        if self.loop is None:
+            self.server.start()
+        else:
+            self.run_in_loop(self.server.start())
         self.set_serving(True)
         event(log, "serving", service=self.name, address=f"{self.host}:{self.port}",
               metrics_port=self.metrics_port or None)
@@ -109,7 +146,10 @@ class Service:
         def handler(signum: int, _frame: object) -> None:
             if self._stop_requested.is_set():
                 event(log, "second signal, stopping now", signal=signal.Signals(signum).name)
-                self.server.stop(0)
+                if self.loop is None:
+                    self.server.stop(0)
+                else:
+                    asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop)
                 self._stopped.set()
                 return
             event(log, "signal received, draining", signal=signal.Signals(signum).name, grace_s=self.grace_s)
@@ -135,14 +175,21 @@ class Service:
         with self._lock:
             if self._stopped.is_set():
                 return
-            self.health.enter_graceful_shutdown()
+            if self.loop is None:
+                self.health.enter_graceful_shutdown()
+            else:
+                self.run_in_loop(self.health.enter_graceful_shutdown())
             for callback in self._shutdown_callbacks:
                 try:
                     callback()
                 except Exception as err:  # noqa: BLE001 - shutdown keeps going
                     event(log, "shutdown step failed", level=logging.WARNING,
                           step=getattr(callback, "__qualname__", repr(callback)), error=str(err))
-            self.server.stop(self.grace_s).wait(self.grace_s + 1.0)
+            if self.loop is None:
+                self.server.stop(self.grace_s).wait(self.grace_s + 1.0)
+            else:
+                self.run_in_loop(self.server.stop(self.grace_s))
+                self.loop.call_soon_threadsafe(self.loop.stop)
             self._stopped.set()
             event(log, "stopped", service=self.name)
 
