@@ -120,7 +120,7 @@ def test_a_deadline_passing_mid_stream_ends_the_call_and_frees_its_cache(worker)
     assert after["tokens"] - before["tokens"] < 180
 
 
-def test_calls_past_max_streams_are_refused_not_left_waiting(worker):
+def test_calls_past_max_streams_are_refused_not_left_waiting_while_load_polls_are_answered(worker):
     # the cache admits one such request at a time, so the first calls stay open while more arrive
     outcomes: list = []
     lock = threading.Lock()
@@ -137,12 +137,14 @@ def test_calls_past_max_streams_are_refused_not_left_waiting(worker):
     for thread in threads:
         thread.start()
         time.sleep(0.02)
+    # the streams are at their cap: a load poll is still answered
+    assert worker.GetLoad(inference_pb2.GetLoadRequest(), timeout=5).queued_sequences >= 1
     for thread in threads:
         thread.join(timeout=240)
     assert not any(t.is_alive() for t in threads)
     refused = [o for o in outcomes if o == grpc.StatusCode.RESOURCE_EXHAUSTED]
     served = [o for o in outcomes if o == 100]
     assert len(refused) + len(served) == len(outcomes), outcomes
-    # the gateway's load polls and health checks are calls too: allow for one of them in flight
-    assert len(refused) >= 3 and len(served) >= MAX_STREAMS - 1, outcomes
+    # a served stream lasts ~100 steps, far longer than the calls take to arrive
+    assert len(served) >= MAX_STREAMS and len(refused) >= 1, outcomes
     assert kv_used_settles_to_zero(worker)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import threading
 import time
 from concurrent import futures
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
 
 from moe.v1 import inference_pb2, inference_pb2_grpc
 from services.client import Client, ClientError, build_request
-from services.common.errors import ErrorInterceptor
+from services.common.server import Service
+from services.gateway.__main__ import SERVICE_NAME
 from services.gateway.balancer import Balancer, WorkerInfo
 from services.gateway.servicer import GatewayServicer, Upstreams
 
@@ -72,11 +76,16 @@ def test_worker_leaving_the_registry_keeps_its_streams_until_they_end():
 # ---- proxy against fake workers ---------------------------------------------------------
 
 class FakeWorker(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, mode: str = "ok", tokens: int = 3, delay: float = 0.0):
+    """A sync worker. `hold`: after its first token each stream waits until `gate` is set."""
+
+    def __init__(self, mode: str = "ok", tokens: int = 3, delay: float = 0.0, hold: bool = False):
         self.mode, self.tokens, self.delay = mode, tokens, delay
         self.calls = 0
         self.seen: list[tuple[str, float | None]] = []
-        self.cancelled = threading.Event()
+        self.cancelled = threading.Event()  # a stream ended before its last message was taken
+        self.gate = threading.Event()
+        if not hold:
+            self.gate.set()
 
     def GetLoad(self, request, context):
         return inference_pb2.WorkerLoad(replica_id="fake", accepting=True, max_batch=8)
@@ -84,7 +93,8 @@ class FakeWorker(inference_pb2_grpc.InferenceServicer):
     def Generate(self, request, context):
         self.calls += 1
         self.seen.append((request.request_id, context.time_remaining()))
-        context.add_callback(lambda: None if context.is_active() else self.cancelled.set())
+        finished = threading.Event()
+        context.add_callback(lambda: None if finished.is_set() else self.cancelled.set())
         if self.mode == "unavailable":
             context.abort(grpc.StatusCode.UNAVAILABLE, "worker is down")
         if self.mode == "invalid":
@@ -96,13 +106,15 @@ class FakeWorker(inference_pb2_grpc.InferenceServicer):
                                                  token=inference_pb2.TokenChunk(id=10 + i, logprob=-1.0, index=i))
             if self.mode == "die-mid-stream":
                 context.abort(grpc.StatusCode.UNAVAILABLE, "worker died")
+            self.gate.wait(10.0)
         yield inference_pb2.GenerateResponse(request_id=request.request_id, final=inference_pb2.Final(
             finish_reason=inference_pb2.FINISH_REASON_LENGTH,
             usage=inference_pb2.Usage(prompt_tokens=len(request.prompt_ids.ids), generated_tokens=self.tokens)))
+        finished.set()  # the server asked for the message after the last one: the stream ran to its end
 
 
-def _serve(servicer, add, interceptors=()):
-    server = grpc.server(futures.ThreadPoolExecutor(8), interceptors=list(interceptors))
+def _serve(servicer, add):
+    server = grpc.server(futures.ThreadPoolExecutor(8))
     add(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -111,10 +123,11 @@ def _serve(servicer, add, interceptors=()):
 
 @pytest.fixture
 def gateway():
-    """(make(modes...) -> (client, fakes, upstreams)); everything in this process, no Redis."""
-    servers = []
+    """make(*fakes, max_streams=16) -> (client, upstreams): sync fake workers, and the gateway
+    served as in production (grpc.aio Service on a free loopback port); no Redis."""
+    servers, made, services = [], [], []
 
-    def make(*fakes):
+    def make(*fakes, max_streams=16):
         workers = []
         for i, fake in enumerate(fakes):
             server, endpoint = _serve(fake, inference_pb2_grpc.add_InferenceServicer_to_server)
@@ -122,20 +135,36 @@ def gateway():
             workers.append(WorkerInfo(f"w{i}", endpoint))
         upstreams = Upstreams(None, None)
         upstreams.set_workers(workers)
-        server, endpoint = _serve(GatewayServicer(upstreams), inference_pb2_grpc.add_InferenceServicer_to_server,
-                                  [ErrorInterceptor()])
-        servers.append(server)
-        client = Client(endpoint, timeout=10)
+        args = argparse.Namespace(host="127.0.0.1", port=0, metrics_port=0)
+        service = Service("gateway", args, [SERVICE_NAME], grace_s=1.0, asynchronous=True)
+        inference_pb2_grpc.add_InferenceServicer_to_server(GatewayServicer(upstreams, max_streams=max_streams),
+                                                           service.server)
+        services.append(service)
+        client = Client(f"127.0.0.1:{service.start()}", timeout=10)
         made.append((client, upstreams))
         return client, upstreams
 
-    made = []
     yield make
     for client, upstreams in made:
         client.close()
         upstreams.close()
+    for service in services:
+        service.shutdown()
     for server in servers:
         server.stop(0)
+
+
+def _count(code: str) -> float:
+    return REGISTRY.get_sample_value("moe_gateway_requests_total", {"code": code}) or 0.0
+
+
+def _wait_for(condition, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def test_generate_streams_through_with_request_id_and_deadline_kept(gateway):
@@ -186,14 +215,48 @@ def test_failure_after_tokens_is_not_retried(gateway):
 def test_client_cancel_cancels_the_upstream_call(gateway):
     fake = FakeWorker(tokens=200, delay=0.02)
     client, upstreams = gateway(fake)
+    cancelled_before = _count("CANCELLED")
     stream = client.stream(prompt_ids=[1], max_new_tokens=200)
     next(stream)
     stream.close()  # the application stops reading
-    assert fake.cancelled.wait(5.0)
+    assert fake.cancelled.wait(5.0)  # the worker's call ended before its last token: cancelled
     deadline = time.monotonic() + 5.0
     while upstreams.balancer.in_flight() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert upstreams.balancer.in_flight() == 0
+    assert _wait_for(lambda: _count("CANCELLED") == cancelled_before + 1)
+
+
+def test_client_cancel_while_the_worker_is_silent_cancels_the_upstream_call(gateway):
+    # the gateway's handler waits on the worker (no token in flight), not on its client
+    fake = FakeWorker(tokens=3, hold=True)
+    client, upstreams = gateway(fake)
+    stream = client.stream(prompt_ids=[1], max_new_tokens=3)
+    next(stream)
+    stream.close()
+    assert fake.cancelled.wait(5.0)
+    assert _wait_for(lambda: upstreams.balancer.in_flight() == 0)
+    fake.gate.set()
+
+
+def test_streams_past_max_streams_end_resource_exhausted_while_the_first_ones_run_to_the_end(gateway):
+    fake = FakeWorker(tokens=3, hold=True)
+    client, _ = gateway(fake, max_streams=2)
+    first = [client.stream(prompt_ids=[1], max_new_tokens=3) for _ in range(2)]
+    assert [next(stream).id for stream in first] == [10, 10]  # both streams are open at the gateway
+    with pytest.raises(ClientError) as err:
+        client.generate(prompt_ids=[1], max_new_tokens=3, timeout=5.0)  # waiting would end DEADLINE_EXCEEDED
+    assert err.value.code == "RESOURCE_EXHAUSTED" and "--max-streams" in err.value.message
+    assert fake.calls == 2  # the third call never reached a worker
+    # at the cap, load polls and health checks (a pod's probes) are still answered
+    assert client.load().active_sequences == 2
+    with grpc.insecure_channel(client.endpoint) as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    fake.gate.set()
+    for stream in first:
+        result = list(stream)[-1]
+        assert result.tokens == [10, 11, 12] and result.finish_reason == "length"
 
 
 def test_no_worker_is_unavailable_with_a_message(gateway):

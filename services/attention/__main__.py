@@ -78,9 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     watcher = PlanWatcher(client, keys, worker.plans).start()
 
     replica_id = args.replica_id or settings.default_replica_id()
-    service = Service("attention", args, [SERVICE_NAME], max_workers=args.max_streams, grace_s=args.grace,
-                      asynchronous=True)
-    servicer = InferenceServicer(worker, replica_id, args.plane, service.loop)
+    service = Service("attention", args, [SERVICE_NAME], grace_s=args.grace, asynchronous=True)
+    servicer = InferenceServicer(worker, replica_id, args.plane, service.loop, args.max_streams)
     inference_pb2_grpc.add_InferenceServicer_to_server(servicer, service.server)
     worker.scheduler.start(servicer.publish)
     port = service.start()

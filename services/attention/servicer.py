@@ -12,9 +12,9 @@ import uuid
 
 from model.generate import GenerationRequest, SamplingParams
 from moe.v1 import inference_pb2, inference_pb2_grpc
-from services.attention.scheduler import Event, RequestHandle
+from services.attention.scheduler import REQUESTS, Event, RequestHandle
 from services.attention.worker import AttentionWorker
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.logging import event, get_logger
 
 log = get_logger("attention")
@@ -53,12 +53,15 @@ def to_request(msg: inference_pb2.GenerateRequest, worker: AttentionWorker) -> G
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, worker: AttentionWorker, replica_id: str, plane: int, loop: asyncio.AbstractEventLoop):
-        """loop: the event loop the server runs its calls on."""
+    def __init__(self, worker: AttentionWorker, replica_id: str, plane: int, loop: asyncio.AbstractEventLoop,
+                 max_streams: int):
+        """loop: the event loop the server runs its calls on; max_streams: Generate calls served
+        at once, queued ones included (past it, RESOURCE_EXHAUSTED)."""
         self.worker = worker
         self.replica_id = replica_id
         self.plane = plane
         self.loop = loop
+        self.max_streams = max_streams
         self._streams: dict[RequestHandle, asyncio.Queue] = {}
 
     def publish(self, events: list[Event]) -> None:
@@ -74,6 +77,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def Generate(self, request, context):
         started = time.monotonic()
         gen = to_request(request, self.worker)
+        if len(self._streams) >= self.max_streams:
+            REQUESTS.labels("resource_exhausted").inc()
+            raise ResourceExhausted(f"worker is serving its limit of {self.max_streams} streams (--max-streams); "
+                                    "retry later or on another worker")
         remaining = context.time_remaining()
         deadline = started + remaining if remaining is not None and remaining < 1e8 else None
         handle = self.worker.scheduler.submit(gen, deadline)

@@ -16,7 +16,8 @@ at once.
 many clients at once (gateway, attention workers): a server-streaming call is then a coroutine
 on one event loop, not a thread of a pool, so the streams a process serves are not capped by
 its thread count, and a step's tokens reach all of them with one wake-up of that loop. The loop
-runs on a thread of its own (`Service.loop`); the rest of the API is the same.
+runs on a thread of its own (`Service.loop`); the rest of the API is the same. Such a server
+takes any number of calls: each servicer caps its own streams.
 """
 
 from __future__ import annotations
@@ -62,11 +63,11 @@ def build_server(max_workers: int = 16, interceptors: Sequence[grpc.ServerInterc
     )
 
 
-def build_async_server(max_concurrent_rpcs: int | None = None) -> grpc.aio.Server:
-    """A grpc.aio server with the error interceptor; call it on the loop that will run it. Past
-    `max_concurrent_rpcs` calls at once, new ones end RESOURCE_EXHAUSTED instead of waiting."""
-    return grpc.aio.server(interceptors=[AsyncErrorInterceptor()], options=SERVER_OPTIONS,
-                           maximum_concurrent_rpcs=max_concurrent_rpcs)
+def build_async_server() -> grpc.aio.Server:
+    """A grpc.aio server with the error interceptor; call it on the loop that will run it. It
+    serves any number of calls at once: a servicer caps its own streams (health checks and load
+    polls must still be answered when the streams are at their cap)."""
+    return grpc.aio.server(interceptors=[AsyncErrorInterceptor()], options=SERVER_OPTIONS)
 
 
 class Service:
@@ -75,7 +76,7 @@ class Service:
     def __init__(self, name: str, args: argparse.Namespace, service_names: Sequence[str],
                  *, max_workers: int = 16, grace_s: float = DEFAULT_GRACE_S,
                  interceptors: Sequence[grpc.ServerInterceptor] = (), asynchronous: bool = False) -> None:
-        """max_workers: the thread pool's size, or with `asynchronous` the calls served at once."""
+        """max_workers: the thread pool's size (unused by an asynchronous Service)."""
         self.name = name
         self.host: str = args.host
         self.requested_port: int = args.port
@@ -88,7 +89,7 @@ class Service:
                 raise ValueError("an asynchronous Service takes no extra interceptors")
             self.loop = asyncio.new_event_loop()
             threading.Thread(target=self.loop.run_forever, name=f"{name}-aio", daemon=True).start()
-            self.server, self.health = self.run_in_loop(self._build_async(max_workers))
+            self.server, self.health = self.run_in_loop(self._build_async())
         else:
             self.server = build_server(max_workers, interceptors)
             self.health = health.HealthServicer(experimental_non_blocking=True)
@@ -100,8 +101,8 @@ class Service:
         self._lock = threading.Lock()
 
     @staticmethod
-    async def _build_async(max_concurrent_rpcs: int) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-        return build_async_server(max_concurrent_rpcs), health.aio.HealthServicer()
+    async def _build_async() -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+        return build_async_server(), health.aio.HealthServicer()
 
     def run_in_loop(self, coroutine: Awaitable[T]) -> T:
         """Run a coroutine on the server's event loop and wait for its result."""

@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--poll-interval", type=float, default=1.0,
                         help="registry and GetLoad poll period, seconds [1.0]")
     parser.add_argument("--max-streams", type=int, default=256,
-                        help="Generate streams served at once (server threads) [256]")
+                        help="Generate streams served at once; past it new calls end RESOURCE_EXHAUSTED [256]")
     parser.add_argument("--grace", type=float, default=10.0, help="shutdown grace period, seconds [10]")
     return parser
 
@@ -37,10 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging("gateway", args.log_level)
+    if args.max_streams < 1:
+        print(f"gateway: --max-streams must be >= 1, got {args.max_streams}", file=sys.stderr)
+        return 2
     client = redis_store.connect(args.redis_url, settings.redis_password())
     keys = Keys(args.cluster)
 
-    service = Service("gateway", args, [SERVICE_NAME], max_workers=args.max_streams, grace_s=args.grace)
+    service = Service("gateway", args, [SERVICE_NAME], grace_s=args.grace, asynchronous=True)
     ready = {"seen": False}
 
     def on_workers(count: int) -> None:
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                 event(log, "first attention worker found, serving")
 
     upstreams = Upstreams(client, keys, poll_s=args.poll_interval, on_workers=on_workers)
-    servicer = GatewayServicer(upstreams)
+    servicer = GatewayServicer(upstreams, max_streams=args.max_streams)
     inference_pb2_grpc.add_InferenceServicer_to_server(servicer, service.server)
     port = service.start()
     if not ready["seen"]:

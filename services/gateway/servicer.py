@@ -1,20 +1,24 @@
-"""The gateway's moe.v1.Inference: proxy each Generate stream to the least-loaded attention worker.
+"""The gateway's moe.v1.Inference (grpc.aio): proxy each Generate stream to the least-loaded attention worker.
 
-`Upstreams` keeps the worker list (Redis registry, kind "attention", polled every second; the
-last list survives a Redis outage), one channel per worker and their GetLoad figures.
-`GatewayServicer.Generate` forwards the request with the client's deadline and request id,
-streams every message back, cancels upstream when the client goes away, retries once on another
-worker when the first fails UNAVAILABLE before sending anything, and otherwise passes the
-worker's status and message through unchanged.
+`Upstreams` keeps the worker list (Redis registry, kind "attention", polled every second on a
+thread of its own with the sync Redis client; the last list survives a Redis outage) and their
+GetLoad figures, polled on that thread through one sync channel per worker. Generate streams go
+through one grpc.aio channel per worker, made on the server's event loop at first use and closed
+there when the worker leaves. `GatewayServicer.Generate` forwards the request with the client's
+deadline and request id, streams every message back, cancels upstream when the client goes away,
+retries once on another worker when the first fails UNAVAILABLE before sending anything, and
+otherwise passes the worker's status and message through unchanged.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 import uuid
-from typing import Callable, Iterator
+from contextlib import aclosing
+from typing import AsyncIterator, Callable
 
 import grpc
 import redis
@@ -22,7 +26,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from moe.v1 import inference_pb2, inference_pb2_grpc
 from services.common import redis_store
-from services.common.errors import Unavailable
+from services.common.errors import ResourceExhausted, Unavailable
 from services.common.logging import event, get_logger
 from services.common.redis_store import Keys
 from services.gateway.balancer import Balancer, Lease, WorkerInfo
@@ -56,7 +60,12 @@ class Upstreams:
         self.empty_grace_s = empty_grace_s
         self.on_workers = on_workers
         self.balancer = Balancer()
+        # endpoint -> channel and stub: sync ones for the discovery thread's GetLoad, grpc.aio ones
+        # (bound to `_loop`, the server's event loop) for Generate
         self._channels: dict[str, tuple[grpc.Channel, inference_pb2_grpc.InferenceStub]] = {}
+        self._streams: dict[str, tuple[grpc.aio.Channel, inference_pb2_grpc.InferenceStub]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing: set[asyncio.Task] = set()  # channel.close() tasks on the loop, kept until done
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -65,6 +74,7 @@ class Upstreams:
 
     # ---- channels ---------------------------------------------------------------------------
     def stub(self, endpoint: str) -> inference_pb2_grpc.InferenceStub:
+        """The sync stub for `endpoint` (GetLoad polls)."""
         with self._lock:
             entry = self._channels.get(endpoint)
             if entry is None:
@@ -73,12 +83,41 @@ class Upstreams:
                 self._channels[endpoint] = entry
             return entry[1]
 
+    def stream_stub(self, endpoint: str) -> inference_pb2_grpc.InferenceStub:
+        """The grpc.aio stub for `endpoint` (Generate); call it on the server's event loop."""
+        with self._lock:
+            self._loop = self._loop or asyncio.get_running_loop()
+            entry = self._streams.get(endpoint)
+            if entry is None:
+                channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+                entry = (channel, inference_pb2_grpc.InferenceStub(channel))
+                self._streams[endpoint] = entry
+            return entry[1]
+
     def _close_unused(self, gone: list[WorkerInfo]) -> None:
         in_use = {w.endpoint for w in self.balancer.registered()}
         with self._lock:
             for info in gone:
-                if info.endpoint not in in_use and info.endpoint in self._channels:
+                if info.endpoint in in_use:
+                    continue
+                if info.endpoint in self._channels:
                     self._channels.pop(info.endpoint)[0].close()
+                if info.endpoint in self._streams:
+                    self._close_on_loop(self._streams.pop(info.endpoint)[0])
+
+    def _close_on_loop(self, channel: grpc.aio.Channel) -> None:
+        """Close an aio channel on its loop, from any thread. A loop that no longer runs (process
+        exit) gets nothing: the dropped channel closes itself when collected."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or not loop.is_running():
+            return
+
+        def spawn() -> None:  # on the loop; nothing is created if the loop stops first
+            task = loop.create_task(channel.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+        loop.call_soon_threadsafe(spawn)
 
     def release(self, lease: Lease) -> None:
         gone = self.balancer.release(lease)
@@ -157,6 +196,7 @@ class Upstreams:
                 event(log, "worker poll failed", level=logging.ERROR, error=repr(err), exc_info=True)
 
     def close(self) -> None:
+        """Stop discovery and close every channel (the aio ones only while their loop runs)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(self.poll_s + LOAD_TIMEOUT_S + 1.0)
@@ -164,9 +204,21 @@ class Upstreams:
             for channel, _ in self._channels.values():
                 channel.close()
             self._channels.clear()
+            for channel, _ in self._streams.values():
+                self._close_on_loop(channel)
+            self._streams.clear()
 
 
-def _upstream_timeout(context: grpc.ServicerContext) -> float | None:
+class _NothingSent(Exception):
+    """An attempt failed before its first message: the worker's status, for Generate to retry or pass on."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+def _upstream_timeout(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     if remaining is None or remaining > NO_DEADLINE_S:
         return None
@@ -174,25 +226,34 @@ def _upstream_timeout(context: grpc.ServicerContext) -> float | None:
 
 
 class GatewayServicer(inference_pb2_grpc.InferenceServicer):
-    """moe.v1.Inference in front of the attention workers."""
+    """moe.v1.Inference in front of the attention workers; served by a grpc.aio server."""
 
-    def __init__(self, upstreams: Upstreams, replica_id: str = "gateway", *, retries: int = 1) -> None:
+    def __init__(self, upstreams: Upstreams, replica_id: str = "gateway", *, retries: int = 1,
+                 max_streams: int = 256) -> None:
+        """max_streams: Generate streams served at once; past it, RESOURCE_EXHAUSTED."""
         self.upstreams = upstreams
         self.replica_id = replica_id
         self.retries = retries
+        self.max_streams = max_streams
+        self.streams = 0
         self.accepting = True
 
-    def GetLoad(self, request: inference_pb2.GetLoadRequest, context: grpc.ServicerContext) -> inference_pb2.WorkerLoad:
+    async def GetLoad(self, request: inference_pb2.GetLoadRequest,
+                      context: grpc.aio.ServicerContext) -> inference_pb2.WorkerLoad:
         workers = self.upstreams.balancer.workers()
         return inference_pb2.WorkerLoad(
             replica_id=self.replica_id, active_sequences=self.upstreams.balancer.in_flight(),
             max_batch=sum(w.max_batch for w in workers if w.registered), accepting=self.accepting)
 
-    def Generate(self, request: inference_pb2.GenerateRequest,
-                 context: grpc.ServicerContext) -> Iterator[inference_pb2.GenerateResponse]:
+    async def Generate(self, request: inference_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[inference_pb2.GenerateResponse]:
         if not self.accepting:
             REQUESTS.labels("UNAVAILABLE").inc()
             raise Unavailable("gateway is shutting down; retry on another gateway")
+        if self.streams >= self.max_streams:
+            REQUESTS.labels("RESOURCE_EXHAUSTED").inc()
+            raise ResourceExhausted(f"gateway is serving its limit of {self.max_streams} streams (--max-streams); "
+                                    "retry later or on another gateway")
         if not request.request_id:
             forwarded = inference_pb2.GenerateRequest()
             forwarded.CopyFrom(request)
@@ -201,6 +262,7 @@ class GatewayServicer(inference_pb2_grpc.InferenceServicer):
         rid = request.request_id
         arrived = time.monotonic()
         tried: set[str] = set()
+        self.streams += 1  # on the server's one event loop: no lock needed
         IN_FLIGHT.inc()
         try:
             while True:
@@ -210,33 +272,39 @@ class GatewayServicer(inference_pb2_grpc.InferenceServicer):
                     where = f" (tried {', '.join(sorted(tried))})" if tried else ""
                     raise Unavailable(f"no attention worker available{where}")
                 tried.add(lease.worker.id)
-                outcome = yield from self._forward(request, context, lease, arrived)
-                if outcome is None:
+                try:
+                    async with aclosing(self._forward(request, context, lease, arrived)) as messages:
+                        async for message in messages:
+                            yield message
                     return
-                code, details = outcome
-                if code == grpc.StatusCode.UNAVAILABLE and len(tried) <= self.retries and context.is_active():
+                except _NothingSent as failed:
+                    code, details = failed.code, failed.details
+                if code == grpc.StatusCode.UNAVAILABLE and len(tried) <= self.retries and not context.done():
                     RETRIES.inc()
                     self.upstreams.balancer.mark_failed(lease.worker.id)
                     event(log, "worker unavailable before any token, retrying elsewhere", request_id=rid,
                           level=logging.WARNING, worker=lease.worker.id, detail=details)
                     continue
                 REQUESTS.labels(code.name).inc()
-                context.abort(code, details)
+                await context.abort(code, details)
         finally:
+            self.streams -= 1
             IN_FLIGHT.dec()
 
-    def _forward(self, request: inference_pb2.GenerateRequest, context: grpc.ServicerContext, lease: Lease,
-                 arrived: float):
-        """Stream one attempt. Returns None when the call ended (OK, or the client went away), or
-        (code, details) of an upstream failure that happened before any message was sent."""
+    async def _forward(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext,
+                       lease: Lease, arrived: float) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        """Stream one attempt. Ends when the call ended (OK, or the client went away); raises
+        _NothingSent with the worker's status when it failed before any message was sent."""
         rid = request.request_id
-        stub = self.upstreams.stub(lease.worker.endpoint)
         sent = 0
         last_token = None
+        call = None
         try:
+            stub = self.upstreams.stream_stub(lease.worker.endpoint)
             call = stub.Generate(request, timeout=_upstream_timeout(context))
-            context.add_callback(call.cancel)  # client cancel / deadline -> cancel upstream
-            for message in call:
+            # client cancel / deadline -> cancel upstream at once, wherever this generator waits
+            context.add_done_callback(lambda _context, call=call: call.cancel())
+            async for message in call:
                 kind = message.WhichOneof("event")
                 if kind == "token":
                     now = time.monotonic()
@@ -252,17 +320,22 @@ class GatewayServicer(inference_pb2_grpc.InferenceServicer):
                     REQUESTS.labels("OK").inc()
                 sent += 1
                 yield message
-            return None
         except grpc.RpcError as err:
             code, details = err.code(), err.details() or ""
-            if not context.is_active():
+            if context.cancelled():
                 REQUESTS.labels("CANCELLED").inc()
-                return None  # the client cancelled or its deadline passed; nobody to tell
+                return  # the client cancelled or its deadline passed; nobody to tell
             if sent == 0:
-                return code, details
+                raise _NothingSent(code, details) from None
             REQUESTS.labels(code.name).inc()
             event(log, "worker failed mid-stream", request_id=rid, level=logging.WARNING,
                   worker=lease.worker.id, code=code.name, detail=details, sent=sent)
-            context.abort(code, details)
+            await context.abort(code, details)
+        except (asyncio.CancelledError, GeneratorExit):
+            # the client cancelled or its deadline passed (the server cancels this handler)
+            REQUESTS.labels("CANCELLED").inc()
+            raise
         finally:
+            if call is not None:
+                call.cancel()  # a no-op once the call has ended
             self.upstreams.release(lease)
