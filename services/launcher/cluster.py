@@ -188,7 +188,11 @@ class LocalCluster:
     def _redis_cmd(self, port: int) -> list[str]:
         from services.common.redis_server import redis_server_binary
 
-        return [redis_server_binary(), "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
+        try:
+            binary = redis_server_binary()
+        except FileNotFoundError as err:
+            raise ClusterError(str(err)) from None
+        return [binary, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
                 "--daemonize", "no", "--dir", str(self.run_dir), "--protected-mode", "no", "--loglevel", "warning"]
 
     @staticmethod
