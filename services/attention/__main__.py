@@ -14,7 +14,7 @@ import sys
 from model.config import ModelConfig
 from model.errors import ModelError
 from moe.v1 import inference_pb2, inference_pb2_grpc
-from services.attention.servicer import InferenceServicer
+from services.attention.servicer import InferenceServicer, InferenceSessionServicer, StreamHub
 from services.attention.worker import AttentionWorker, PlanWatcher
 from services.common import redis_store, settings
 from services.common.logging import configure_logging, event, get_logger
@@ -24,6 +24,7 @@ from services.common.server import Service
 from services.transport.base import DISPATCH_DTYPES, TRANSPORT_CHOICES, make_transport
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+SESSION_SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceSession"].full_name
 log = get_logger("attention")
 
 
@@ -47,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPU only: compile decode steps of up to 16 sequences with torch.compile before "
                              "serving (~20-45 s per graph, three graphs; faster steps after) [MOE_COMPILE_DECODE]")
     parser.add_argument("--max-streams", type=int, default=int(settings.env("MOE_MAX_STREAMS", "4096")),
-                        help="calls served at once, queued requests included; past it new calls end "
-                             "RESOURCE_EXHAUSTED [MOE_MAX_STREAMS, 4096]")
+                        help="requests served at once (Generate calls and session streams), queued ones "
+                             "included; past it new ones end RESOURCE_EXHAUSTED [MOE_MAX_STREAMS, 4096]")
     parser.add_argument("--dispatch-timeout", type=float, default=10.0, help="seconds to wait on one expert batch")
     parser.add_argument("--grace", type=float, default=10.0, help="shutdown grace period, seconds")
     return parser
@@ -78,10 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     watcher = PlanWatcher(client, keys, worker.plans).start()
 
     replica_id = args.replica_id or settings.default_replica_id()
-    service = Service("attention", args, [SERVICE_NAME], grace_s=args.grace, asynchronous=True)
-    servicer = InferenceServicer(worker, replica_id, args.plane, service.loop, args.max_streams)
-    inference_pb2_grpc.add_InferenceServicer_to_server(servicer, service.server)
-    worker.scheduler.start(servicer.publish)
+    service = Service("attention", args, [SERVICE_NAME, SESSION_SERVICE_NAME], grace_s=args.grace, asynchronous=True)
+    hub = StreamHub(worker, service.loop, args.max_streams)
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(hub, replica_id, args.plane), service.server)
+    inference_pb2_grpc.add_InferenceSessionServicer_to_server(InferenceSessionServicer(hub), service.server)
+    worker.scheduler.start(hub.publish)
     port = service.start()
     host = settings.advertise_host(args)
     registry = redis_store.Registry(client, keys, ReplicaRecord(

@@ -143,7 +143,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
     def _abort(err: Exception, context: grpc.ServicerContext, method: str) -> None:
         if _already_aborted(context):
             raise err
-        context.abort(*_reported_status(err, method))
+        context.abort(*reported_status(err, method))
 
 
 class AsyncErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -193,10 +193,10 @@ class AsyncErrorInterceptor(grpc.aio.ServerInterceptor):
     async def _abort(err: Exception, context: grpc.aio.ServicerContext, method: str) -> None:
         if isinstance(err, grpc.aio.AbortError) or _already_aborted(context):
             raise err
-        await context.abort(*_reported_status(err, method))
+        await context.abort(*reported_status(err, method))
 
 
-def _reported_status(err: Exception, method: str) -> tuple[grpc.StatusCode, str]:
+def reported_status(err: Exception, method: str) -> tuple[grpc.StatusCode, str]:
     """The status a failed call ends with, logged: a bug with its traceback, a domain error in one line."""
     mapped = status_for(err)
     if mapped is None:

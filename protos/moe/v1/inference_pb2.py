@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16moe/v1/inference.proto\x12\x06moe.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"n\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x42\x08\n\x06_top_pB\x07\n\x05_seed\"\xd5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\nprompt_ids\x18\x02 \x01(\x0b\x32\x10.moe.v1.TokenIdsH\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12(\n\x08sampling\x18\x04 \x01(\x0b\x32\x16.moe.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x08\n\x06prompt\"\x94\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x05token\x18\x02 \x01(\x0b\x32\x12.moe.v1.TokenChunkH\x00\x12\x1e\n\x05\x66inal\x18\x03 \x01(\x0b\x32\r.moe.v1.FinalH\x00\x12\x1e\n\x05\x65rror\x18\x04 \x01(\x0b\x32\r.moe.v1.ErrorH\x00\x42\x07\n\x05\x65vent\"F\n\nTokenChunk\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\r\"o\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12\x1e\n\x16time_to_first_token_ms\x18\x03 \x01(\x02\x12\x15\n\rtotal_time_ms\x18\x04 \x01(\x02\"R\n\x05\x46inal\x12+\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x14.moe.v1.FinishReason\x12\x1c\n\x05usage\x18\x02 \x01(\x0b\x32\r.moe.v1.Usage\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x10\n\x0eGetLoadRequest\"\xc6\x01\n\nWorkerLoad\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\r\n\x05plane\x18\x02 \x01(\r\x12\x18\n\x10\x61\x63tive_sequences\x18\x03 \x01(\r\x12\x18\n\x10queued_sequences\x18\x04 \x01(\r\x12\x11\n\tmax_batch\x18\x05 \x01(\r\x12\x1c\n\x14kv_cache_used_tokens\x18\x06 \x01(\x04\x12\x1d\n\x15kv_cache_total_tokens\x18\x07 \x01(\x04\x12\x11\n\taccepting\x18\x08 \x01(\x08*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\x83\x01\n\tInference\x12?\n\x08Generate\x12\x17.moe.v1.GenerateRequest\x1a\x18.moe.v1.GenerateResponse0\x01\x12\x35\n\x07GetLoad\x12\x16.moe.v1.GetLoadRequest\x1a\x12.moe.v1.WorkerLoadb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16moe/v1/inference.proto\x12\x06moe.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"n\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x42\x08\n\x06_top_pB\x07\n\x05_seed\"\xd5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\nprompt_ids\x18\x02 \x01(\x0b\x32\x10.moe.v1.TokenIdsH\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12(\n\x08sampling\x18\x04 \x01(\x0b\x32\x16.moe.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x08\n\x06prompt\"\x94\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x05token\x18\x02 \x01(\x0b\x32\x12.moe.v1.TokenChunkH\x00\x12\x1e\n\x05\x66inal\x18\x03 \x01(\x0b\x32\r.moe.v1.FinalH\x00\x12\x1e\n\x05\x65rror\x18\x04 \x01(\x0b\x32\r.moe.v1.ErrorH\x00\x42\x07\n\x05\x65vent\"F\n\nTokenChunk\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\r\"o\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12\x1e\n\x16time_to_first_token_ms\x18\x03 \x01(\x02\x12\x15\n\rtotal_time_ms\x18\x04 \x01(\x02\"R\n\x05\x46inal\x12+\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x14.moe.v1.FinishReason\x12\x1c\n\x05usage\x18\x02 \x01(\x0b\x32\r.moe.v1.Usage\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"y\n\x0eSessionRequest\x12\x0e\n\x06stream\x18\x01 \x01(\x04\x12(\n\x05start\x18\x02 \x01(\x0b\x32\x17.moe.v1.GenerateRequestH\x00\x12\x10\n\x06\x63\x61ncel\x18\x03 \x01(\x08H\x00\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\x42\x08\n\x06\x61\x63tion\"J\n\x0cSessionEvent\x12\x0e\n\x06stream\x18\x01 \x01(\x04\x12*\n\x08response\x18\x02 \x01(\x0b\x32\x18.moe.v1.GenerateResponse\"5\n\rSessionEvents\x12$\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x14.moe.v1.SessionEvent\"\x10\n\x0eGetLoadRequest\"\xc6\x01\n\nWorkerLoad\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\r\n\x05plane\x18\x02 \x01(\r\x12\x18\n\x10\x61\x63tive_sequences\x18\x03 \x01(\r\x12\x18\n\x10queued_sequences\x18\x04 \x01(\r\x12\x11\n\tmax_batch\x18\x05 \x01(\r\x12\x1c\n\x14kv_cache_used_tokens\x18\x06 \x01(\x04\x12\x1d\n\x15kv_cache_total_tokens\x18\x07 \x01(\x04\x12\x11\n\taccepting\x18\x08 \x01(\x08*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\x83\x01\n\tInference\x12?\n\x08Generate\x12\x17.moe.v1.GenerateRequest\x1a\x18.moe.v1.GenerateResponse0\x01\x12\x35\n\x07GetLoad\x12\x16.moe.v1.GetLoadRequest\x1a\x12.moe.v1.WorkerLoad2M\n\x10InferenceSession\x12\x39\n\x04Open\x12\x16.moe.v1.SessionRequest\x1a\x15.moe.v1.SessionEvents(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moe.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1066
-  _globals['_FINISHREASON']._serialized_end=1190
+  _globals['_FINISHREASON']._serialized_start=1320
+  _globals['_FINISHREASON']._serialized_end=1444
   _globals['_TOKENIDS']._serialized_start=34
   _globals['_TOKENIDS']._serialized_end=57
   _globals['_SAMPLINGPARAMS']._serialized_start=59
@@ -49,10 +49,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FINAL']._serialized_end=805
   _globals['_ERROR']._serialized_start=807
   _globals['_ERROR']._serialized_end=845
-  _globals['_GETLOADREQUEST']._serialized_start=847
-  _globals['_GETLOADREQUEST']._serialized_end=863
-  _globals['_WORKERLOAD']._serialized_start=866
-  _globals['_WORKERLOAD']._serialized_end=1064
-  _globals['_INFERENCE']._serialized_start=1193
-  _globals['_INFERENCE']._serialized_end=1324
+  _globals['_SESSIONREQUEST']._serialized_start=847
+  _globals['_SESSIONREQUEST']._serialized_end=968
+  _globals['_SESSIONEVENT']._serialized_start=970
+  _globals['_SESSIONEVENT']._serialized_end=1044
+  _globals['_SESSIONEVENTS']._serialized_start=1046
+  _globals['_SESSIONEVENTS']._serialized_end=1099
+  _globals['_GETLOADREQUEST']._serialized_start=1101
+  _globals['_GETLOADREQUEST']._serialized_end=1117
+  _globals['_WORKERLOAD']._serialized_start=1120
+  _globals['_WORKERLOAD']._serialized_end=1318
+  _globals['_INFERENCE']._serialized_start=1447
+  _globals['_INFERENCE']._serialized_end=1578
+  _globals['_INFERENCESESSION']._serialized_start=1580
+  _globals['_INFERENCESESSION']._serialized_end=1657
 # @@protoc_insertion_point(module_scope)

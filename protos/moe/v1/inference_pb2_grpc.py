@@ -147,3 +147,91 @@ class Inference:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class InferenceSessionStub:
+    """Internal, served by attention workers to the gateway: many Generate calls multiplexed on one
+    long-lived stream, so that a decode step's tokens for all of them travel as one message
+    instead of one message on each of their streams.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Open = channel.stream_stream(
+                '/moe.v1.InferenceSession/Open',
+                request_serializer=moe_dot_v1_dot_inference__pb2.SessionRequest.SerializeToString,
+                response_deserializer=moe_dot_v1_dot_inference__pb2.SessionEvents.FromString,
+                _registered_method=True)
+
+
+class InferenceSessionServicer:
+    """Internal, served by attention workers to the gateway: many Generate calls multiplexed on one
+    long-lived stream, so that a decode step's tokens for all of them travel as one message
+    instead of one message on each of their streams.
+    """
+
+    def Open(self, request_iterator, context):
+        """Bidirectional. The caller sends `start` (a request under a stream number it chose, unique
+        within the session) and `cancel` (of a stream it no longer wants) in any order; the worker
+        answers with batches of events, one batch per decode step at most. Each started stream gets
+        the messages Generate would send: its tokens, then exactly one `final` or one `error`. A
+        start that fails at once (bad input, no capacity, shutting down) gets just that `error`,
+        whose code is what Generate's status would have been. Ending the call (either side, or the
+        connection) ends every stream still open in it: the worker frees their KV cache at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_InferenceSessionServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Open': grpc.stream_stream_rpc_method_handler(
+                    servicer.Open,
+                    request_deserializer=moe_dot_v1_dot_inference__pb2.SessionRequest.FromString,
+                    response_serializer=moe_dot_v1_dot_inference__pb2.SessionEvents.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'moe.v1.InferenceSession', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('moe.v1.InferenceSession', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class InferenceSession:
+    """Internal, served by attention workers to the gateway: many Generate calls multiplexed on one
+    long-lived stream, so that a decode step's tokens for all of them travel as one message
+    instead of one message on each of their streams.
+    """
+
+    @staticmethod
+    def Open(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/moe.v1.InferenceSession/Open',
+            moe_dot_v1_dot_inference__pb2.SessionRequest.SerializeToString,
+            moe_dot_v1_dot_inference__pb2.SessionEvents.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
