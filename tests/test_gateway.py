@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import queue
 import threading
 import time
 from concurrent import futures
@@ -75,47 +76,123 @@ def test_worker_leaving_the_registry_keeps_its_streams_until_they_end():
 
 # ---- proxy against fake workers ---------------------------------------------------------
 
-class FakeWorker(inference_pb2_grpc.InferenceServicer):
-    """A sync worker. `hold`: after its first token each stream waits until `gate` is set."""
+class FakeWorker(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.InferenceSessionServicer):
+    """A sync worker serving InferenceSession.Open as a step loop: each step sends ONE SessionEvents
+    with the next event of every running stream of the session.
 
-    def __init__(self, mode: str = "ok", tokens: int = 3, delay: float = 0.0, hold: bool = False):
-        self.mode, self.tokens, self.delay = mode, tokens, delay
-        self.calls = 0
-        self.seen: list[tuple[str, float | None]] = []
-        self.cancelled = threading.Event()  # a stream ended before its last message was taken
+    mode: "ok"; "unavailable" / "invalid": every start is refused at once with an error event;
+    "die-mid-stream": an UNAVAILABLE error event right after a stream's first token.
+    `hold`: after its first token each stream waits until `gate` is set. `prompt_tokens`: token
+    ids are prompt_ids[0] * 100 + i instead of 10 + i. Setting `kill` ends the Open call at its
+    next step: `kill_how` "abort" (UNAVAILABLE "worker died") or "return" (OK, streams still open).
+    """
+
+    def __init__(self, mode: str = "ok", tokens: int = 3, delay: float = 0.0, hold: bool = False,
+                 prompt_tokens: bool = False):
+        self.mode, self.tokens, self.delay, self.prompt_tokens = mode, tokens, delay, prompt_tokens
+        self.opens = 0   # Open calls
+        self.calls = 0   # streams started
+        self.seen: list[tuple[str, float]] = []  # (request_id, timeout_s) of each start
+        self.cancels: list[int] = []             # stream numbers the gateway cancelled
+        self.batches: list[int] = []             # streams with an event in each SessionEvents sent
+        self.cancelled = threading.Event()  # a running stream was cancelled, or its Open call ended under it
+        self.ended = threading.Event()      # an Open call ended
         self.gate = threading.Event()
         if not hold:
             self.gate.set()
+        self.kill = threading.Event()
+        self.kill_how = "abort"
 
     def GetLoad(self, request, context):
         return inference_pb2.WorkerLoad(replica_id="fake", accepting=True, max_batch=8)
 
-    def Generate(self, request, context):
-        self.calls += 1
-        self.seen.append((request.request_id, context.time_remaining()))
-        finished = threading.Event()
-        context.add_callback(lambda: None if finished.is_set() else self.cancelled.set())
-        if self.mode == "unavailable":
-            context.abort(grpc.StatusCode.UNAVAILABLE, "worker is down")
-        if self.mode == "invalid":
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_ids: token 999 is outside the vocabulary")
-        for i in range(self.tokens):
-            if self.delay:
+    def _token(self, request, i):
+        first = request.prompt_ids.ids[0] * 100 if self.prompt_tokens else 10
+        return inference_pb2.GenerateResponse(request_id=request.request_id,
+                                              token=inference_pb2.TokenChunk(id=first + i, logprob=-1.0, index=i))
+
+    @staticmethod
+    def _error(request, code, message):
+        return inference_pb2.GenerateResponse(request_id=request.request_id,
+                                              error=inference_pb2.Error(code=code, message=message))
+
+    def Open(self, request_iterator, context):
+        self.opens += 1
+        incoming: queue.Queue = queue.Queue()
+
+        def read():
+            try:
+                for request in request_iterator:
+                    incoming.put(request)
+            except Exception:  # noqa: BLE001 - the call ended
+                pass
+            incoming.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+        running: dict[int, list] = {}  # stream -> [GenerateRequest, next token index]
+        context.add_callback(lambda: self.cancelled.set() if running else None)
+        context.add_callback(self.ended.set)
+        while context.is_active():
+            if self.kill.is_set():
+                self.kill.clear()
+                if self.kill_how == "abort":
+                    context.abort(grpc.StatusCode.UNAVAILABLE, "worker died")
+                return
+            events = []
+            gate = self.gate.is_set()
+            block = not any(gate or index == 0 for _, index in running.values())
+            while True:  # take what the gateway sent; wait a little when nothing can step
+                try:
+                    message = incoming.get(timeout=0.05) if block else incoming.get_nowait()
+                except queue.Empty:
+                    break
+                block = False
+                if message is None:
+                    return
+                if message.WhichOneof("action") == "cancel":
+                    self.cancels.append(message.stream)
+                    if running.pop(message.stream, None) is not None:
+                        self.cancelled.set()
+                    continue
+                request = message.start
+                self.calls += 1
+                self.seen.append((request.request_id, message.timeout_s))
+                if self.mode == "unavailable":
+                    events.append((message.stream, self._error(request, "UNAVAILABLE", "worker is down")))
+                elif self.mode == "invalid":
+                    events.append((message.stream, self._error(
+                        request, "INVALID_ARGUMENT", "prompt_ids: token 999 is outside the vocabulary")))
+                else:
+                    running[message.stream] = [request, 0]
+            if self.delay and running:
                 time.sleep(self.delay)
-            yield inference_pb2.GenerateResponse(request_id=request.request_id,
-                                                 token=inference_pb2.TokenChunk(id=10 + i, logprob=-1.0, index=i))
-            if self.mode == "die-mid-stream":
-                context.abort(grpc.StatusCode.UNAVAILABLE, "worker died")
-            self.gate.wait(10.0)
-        yield inference_pb2.GenerateResponse(request_id=request.request_id, final=inference_pb2.Final(
-            finish_reason=inference_pb2.FINISH_REASON_LENGTH,
-            usage=inference_pb2.Usage(prompt_tokens=len(request.prompt_ids.ids), generated_tokens=self.tokens)))
-        finished.set()  # the server asked for the message after the last one: the stream ran to its end
+            for stream, state in list(running.items()):
+                request, index = state
+                if not (gate or index == 0):
+                    continue
+                if index < self.tokens:
+                    events.append((stream, self._token(request, index)))
+                    state[1] += 1
+                    if self.mode == "die-mid-stream":
+                        events.append((stream, self._error(request, "UNAVAILABLE", "worker died")))
+                        del running[stream]
+                else:
+                    events.append((stream, inference_pb2.GenerateResponse(
+                        request_id=request.request_id, final=inference_pb2.Final(
+                            finish_reason=inference_pb2.FINISH_REASON_LENGTH,
+                            usage=inference_pb2.Usage(prompt_tokens=len(request.prompt_ids.ids),
+                                                      generated_tokens=self.tokens)))))
+                    del running[stream]
+            if events:
+                self.batches.append(len({stream for stream, _ in events}))
+                yield inference_pb2.SessionEvents(events=[inference_pb2.SessionEvent(stream=stream, response=response)
+                                                          for stream, response in events])
 
 
-def _serve(servicer, add):
+def _serve(servicer):
     server = grpc.server(futures.ThreadPoolExecutor(8))
-    add(servicer, server)
+    inference_pb2_grpc.add_InferenceServicer_to_server(servicer, server)
+    inference_pb2_grpc.add_InferenceSessionServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     return server, f"127.0.0.1:{port}"
@@ -130,7 +207,7 @@ def gateway():
     def make(*fakes, max_streams=16):
         workers = []
         for i, fake in enumerate(fakes):
-            server, endpoint = _serve(fake, inference_pb2_grpc.add_InferenceServicer_to_server)
+            server, endpoint = _serve(fake)
             servers.append(server)
             workers.append(WorkerInfo(f"w{i}", endpoint))
         upstreams = Upstreams(None, None)
@@ -175,8 +252,17 @@ def test_generate_streams_through_with_request_id_and_deadline_kept(gateway):
     result = items[-1]
     assert result.tokens == [10, 11, 12, 13] and result.finish_reason == "length"
     assert result.request_id == "req-42" and result.usage["prompt_tokens"] == 3
-    rid, remaining = fake.seen[0]
-    assert rid == "req-42" and remaining is not None and 5.0 < remaining <= 7.0
+    rid, timeout_s = fake.seen[0]
+    assert rid == "req-42" and 5.0 < timeout_s <= 7.0
+    assert fake.opens == 1 and fake.calls == 1
+
+
+def test_no_client_deadline_is_timeout_s_zero(gateway):
+    fake = FakeWorker(tokens=1)
+    client, _ = gateway(fake)
+    client.timeout = None
+    assert client.generate(prompt_ids=[1], max_new_tokens=1).tokens == [10]
+    assert fake.seen[0][1] == 0.0
 
 
 def test_unavailable_before_any_token_is_retried_once_on_another_worker(gateway):
@@ -219,7 +305,8 @@ def test_client_cancel_cancels_the_upstream_call(gateway):
     stream = client.stream(prompt_ids=[1], max_new_tokens=200)
     next(stream)
     stream.close()  # the application stops reading
-    assert fake.cancelled.wait(5.0)  # the worker's call ended before its last token: cancelled
+    assert fake.cancelled.wait(5.0)  # the worker got a cancel for the stream before its last token
+    assert fake.cancels == [1] and fake.opens == 1  # that stream alone; the session stays open
     deadline = time.monotonic() + 5.0
     while upstreams.balancer.in_flight() and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -264,6 +351,61 @@ def test_no_worker_is_unavailable_with_a_message(gateway):
     with pytest.raises(ClientError) as err:
         client.generate(prompt_ids=[1], max_new_tokens=1)
     assert err.value.code == "UNAVAILABLE" and "no attention worker" in err.value.message
+
+
+def test_concurrent_streams_share_one_session_and_each_gets_its_own_tokens(gateway):
+    fake = FakeWorker(tokens=4, hold=True, prompt_tokens=True)
+    client, _ = gateway(fake)
+    n = 8
+    streams = [client.stream(prompt_ids=[i + 1], max_new_tokens=4) for i in range(n)]
+    assert [next(stream).id for stream in streams] == [(i + 1) * 100 for i in range(n)]
+    fake.gate.set()  # from now on every step of the fake carries an event of each running stream
+    with futures.ThreadPoolExecutor(n) as pool:
+        results = list(pool.map(lambda stream: list(stream)[-1], streams))
+    for i, result in enumerate(results):
+        assert result.tokens == [(i + 1) * 100 + k for k in range(4)] and result.finish_reason == "length"
+    assert fake.opens == 1 and fake.calls == n
+    assert max(fake.batches) == n  # one SessionEvents carried a step of all of them
+
+
+@pytest.mark.parametrize("how, message", [("abort", "worker died"), ("return", "closed the session")])
+def test_worker_ending_its_session_fails_its_streams_and_the_next_request_opens_a_new_one(gateway, how, message):
+    fake = FakeWorker(tokens=3, hold=True)
+    client, upstreams = gateway(fake)
+    streams = [client.stream(prompt_ids=[1], max_new_tokens=3) for _ in range(3)]
+    assert [next(stream).id for stream in streams] == [10, 10, 10]
+    before = _count("UNAVAILABLE")
+    fake.kill_how = how
+    fake.kill.set()
+    for stream in streams:
+        with pytest.raises(ClientError) as err:
+            list(stream)
+        assert err.value.code == "UNAVAILABLE" and message in err.value.message
+    assert _wait_for(lambda: upstreams.balancer.in_flight() == 0)
+    assert _count("UNAVAILABLE") == before + 3
+    fake.gate.set()
+    assert client.generate(prompt_ids=[1], max_new_tokens=3).tokens == [10, 11, 12]
+    assert fake.opens == 2 and fake.cancels == []
+
+
+def test_a_worker_leaving_the_registry_ends_its_session(gateway):
+    fake = FakeWorker(tokens=1)
+    client, upstreams = gateway(fake)
+    assert client.generate(prompt_ids=[1], max_new_tokens=1).tokens == [10]
+    assert fake.opens == 1 and not fake.ended.is_set()  # the session outlives the request
+    upstreams.set_workers([])
+    assert fake.ended.wait(5.0)
+
+
+def test_a_worker_that_cannot_be_reached_is_retried_on_another(gateway):
+    fake = FakeWorker(tokens=2)
+    client, upstreams = gateway(fake)
+    upstreams.set_workers([WorkerInfo("dead", "127.0.0.1:1"), *upstreams.balancer.registered()])
+    retries = REGISTRY.get_sample_value("moe_gateway_retries_total") or 0.0
+    for _ in range(3):  # the dead one's session fails to open: UNAVAILABLE before any token
+        assert client.generate(prompt_ids=[1], max_new_tokens=2).tokens == [10, 11]
+    assert fake.calls == 3 and fake.opens == 1
+    assert (REGISTRY.get_sample_value("moe_gateway_retries_total") or 0.0) >= retries + 1
 
 
 # ---- client -----------------------------------------------------------------------------

@@ -3,11 +3,17 @@
 `Upstreams` keeps the worker list (Redis registry, kind "attention", polled every second on a
 thread of its own with the sync Redis client; the last list survives a Redis outage) and their
 GetLoad figures, polled on that thread through one sync channel per worker. Generate streams go
-through one grpc.aio channel per worker, made on the server's event loop at first use and closed
-there when the worker leaves. `GatewayServicer.Generate` forwards the request with the client's
-deadline and request id, streams every message back, cancels upstream when the client goes away,
-retries once on another worker when the first fails UNAVAILABLE before sending anything, and
-otherwise passes the worker's status and message through unchanged.
+to a worker over ONE long-lived multiplexed moe.v1.InferenceSession.Open call per worker
+(`services.gateway.sessions.WorkerSession`, on a grpc.aio channel made on the server's event
+loop at first use): each request is a numbered stream within it, and the worker sends each
+decode step's events for all of its streams as one message, instead of one message on each of
+their own calls. A session that ends or fails fails its open streams and is replaced by a fresh
+one at the next request; it is closed with its channel when the worker leaves.
+`GatewayServicer.Generate` starts the request with the client's request id and remaining
+deadline (`timeout_s`), streams every token and the final message back, cancels the stream
+upstream when the client goes away, retries once on another worker when the first fails
+UNAVAILABLE before sending anything, and otherwise ends with the worker's status and message
+unchanged.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from services.common.errors import ResourceExhausted, Unavailable
 from services.common.logging import event, get_logger
 from services.common.redis_store import Keys
 from services.gateway.balancer import Balancer, Lease, WorkerInfo
+from services.gateway.sessions import SessionFailed, WorkerSession
 
 log = get_logger("gateway")
 
@@ -46,6 +53,10 @@ IN_FLIGHT = Gauge("moe_gateway_streams_in_flight", "Generate streams open throug
 LOAD_TIMEOUT_S = 0.5
 NO_DEADLINE_S = 10 ** 6  # time_remaining() beyond this means the client set no deadline
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.enable_retries", 0)]
+# the sessions' channels: a session lives long and may sit idle, so notice a silently dead worker
+# (the workers' servers accept these pings: services.common.server.SERVER_OPTIONS)
+SESSION_CHANNEL_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
+                           ("grpc.keepalive_permit_without_calls", 1)]
 
 
 class Upstreams:
@@ -60,10 +71,11 @@ class Upstreams:
         self.empty_grace_s = empty_grace_s
         self.on_workers = on_workers
         self.balancer = Balancer()
-        # endpoint -> channel and stub: sync ones for the discovery thread's GetLoad, grpc.aio ones
-        # (bound to `_loop`, the server's event loop) for Generate
+        # endpoint -> sync channel and stub for the discovery thread's GetLoad; endpoint -> grpc.aio
+        # channel and its current session (both bound to `_loop`, the server's event loop) for Generate
         self._channels: dict[str, tuple[grpc.Channel, inference_pb2_grpc.InferenceStub]] = {}
-        self._streams: dict[str, tuple[grpc.aio.Channel, inference_pb2_grpc.InferenceStub]] = {}
+        self._streams: dict[str, grpc.aio.Channel] = {}
+        self._sessions: dict[str, WorkerSession] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing: set[asyncio.Task] = set()  # channel.close() tasks on the loop, kept until done
         self._lock = threading.Lock()
@@ -83,16 +95,29 @@ class Upstreams:
                 self._channels[endpoint] = entry
             return entry[1]
 
-    def stream_stub(self, endpoint: str) -> inference_pb2_grpc.InferenceStub:
-        """The grpc.aio stub for `endpoint` (Generate); call it on the server's event loop."""
+    def session(self, endpoint: str) -> WorkerSession:
+        """The open session with `endpoint` (Generate), opened now when there is none (first use,
+        or the last one ended); call it on the server's event loop."""
         with self._lock:
             self._loop = self._loop or asyncio.get_running_loop()
-            entry = self._streams.get(endpoint)
-            if entry is None:
-                channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
-                entry = (channel, inference_pb2_grpc.InferenceStub(channel))
-                self._streams[endpoint] = entry
-            return entry[1]
+            session = self._sessions.get(endpoint)
+            if session is None or session.broken is not None:
+                channel = self._streams.get(endpoint)
+                if channel is None:
+                    channel = grpc.aio.insecure_channel(endpoint, options=SESSION_CHANNEL_OPTIONS)
+                    self._streams[endpoint] = channel
+                session = WorkerSession(endpoint, channel, on_end=self._session_ended)
+                self._sessions[endpoint] = session
+            return session
+
+    def _session_ended(self, session: WorkerSession) -> None:
+        with self._lock:
+            if self._sessions.get(session.endpoint) is session:
+                del self._sessions[session.endpoint]
+        if session.broken is not None:
+            event(log, "worker session closed" if session.closed else "worker session ended",
+                  level=logging.INFO if session.closed else logging.WARNING, endpoint=session.endpoint,
+                  code=session.broken.code.name, detail=session.broken.details)
 
     def _close_unused(self, gone: list[WorkerInfo]) -> None:
         in_use = {w.endpoint for w in self.balancer.registered()}
@@ -102,20 +127,24 @@ class Upstreams:
                     continue
                 if info.endpoint in self._channels:
                     self._channels.pop(info.endpoint)[0].close()
-                if info.endpoint in self._streams:
-                    self._close_on_loop(self._streams.pop(info.endpoint)[0])
+                if info.endpoint in self._streams or info.endpoint in self._sessions:
+                    self._close_on_loop(self._streams.pop(info.endpoint, None),
+                                        self._sessions.pop(info.endpoint, None))
 
-    def _close_on_loop(self, channel: grpc.aio.Channel) -> None:
-        """Close an aio channel on its loop, from any thread. A loop that no longer runs (process
-        exit) gets nothing: the dropped channel closes itself when collected."""
+    def _close_on_loop(self, channel: grpc.aio.Channel | None, session: WorkerSession | None = None) -> None:
+        """End a session and close its aio channel on their loop, from any thread. A loop that no
+        longer runs (process exit) gets nothing: the dropped channel closes itself when collected."""
         loop = self._loop
         if loop is None or loop.is_closed() or not loop.is_running():
             return
 
         def spawn() -> None:  # on the loop; nothing is created if the loop stops first
-            task = loop.create_task(channel.close())
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            if session is not None:
+                session.close(f"worker {session.endpoint} left; its session was closed")
+            if channel is not None:
+                task = loop.create_task(channel.close())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
 
         loop.call_soon_threadsafe(spawn)
 
@@ -204,9 +233,8 @@ class Upstreams:
             for channel, _ in self._channels.values():
                 channel.close()
             self._channels.clear()
-            for channel, _ in self._streams.values():
-                self._close_on_loop(channel)
-            self._streams.clear()
+            for endpoint in set(self._streams) | set(self._sessions):
+                self._close_on_loop(self._streams.pop(endpoint, None), self._sessions.pop(endpoint, None))
 
 
 class _NothingSent(Exception):
@@ -218,11 +246,18 @@ class _NothingSent(Exception):
         self.details = details
 
 
-def _upstream_timeout(context: grpc.aio.ServicerContext) -> float | None:
+def _upstream_timeout(context: grpc.aio.ServicerContext) -> float:
+    """The client's remaining deadline in seconds for the worker (`timeout_s`); 0 when it set none."""
     remaining = context.time_remaining()
     if remaining is None or remaining > NO_DEADLINE_S:
-        return None
+        return 0.0
     return max(remaining, 0.001)
+
+
+def _status(name: str) -> grpc.StatusCode:
+    """The grpc.StatusCode an error event names ("UNAVAILABLE"); UNKNOWN for anything else."""
+    code = grpc.StatusCode.__members__.get(name or "UNKNOWN", grpc.StatusCode.UNKNOWN)
+    return grpc.StatusCode.UNKNOWN if code == grpc.StatusCode.OK else code
 
 
 class GatewayServicer(inference_pb2_grpc.InferenceServicer):
@@ -293,49 +328,61 @@ class GatewayServicer(inference_pb2_grpc.InferenceServicer):
 
     async def _forward(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext,
                        lease: Lease, arrived: float) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        """Stream one attempt. Ends when the call ended (OK, or the client went away); raises
-        _NothingSent with the worker's status when it failed before any message was sent."""
+        """Stream one attempt as a stream of the worker's session. Ends when the final message was
+        sent (or the client went away); raises _NothingSent with the worker's status when it
+        failed before any message was sent; aborts the call with it after that."""
         rid = request.request_id
         sent = 0
         last_token = None
-        call = None
+        session = number = None
         try:
-            stub = self.upstreams.stream_stub(lease.worker.endpoint)
-            call = stub.Generate(request, timeout=_upstream_timeout(context))
+            session = self.upstreams.session(lease.worker.endpoint)
+            number, events = session.start(request, _upstream_timeout(context))
             # client cancel / deadline -> cancel upstream at once, wherever this generator waits
-            context.add_done_callback(lambda _context, call=call: call.cancel())
-            async for message in call:
-                kind = message.WhichOneof("event")
-                if kind == "token":
-                    now = time.monotonic()
-                    if last_token is None:
-                        TTFT.observe(now - arrived)
-                    else:
-                        TOKEN_LATENCY.observe(now - last_token)
-                    last_token = now
-                    TOKENS.inc()
-                elif kind == "error":
-                    REQUESTS.labels(message.error.code or "UNKNOWN").inc()
-                elif kind == "final":
-                    REQUESTS.labels("OK").inc()
-                sent += 1
-                yield message
-        except grpc.RpcError as err:
-            code, details = err.code(), err.details() or ""
-            if context.cancelled():
-                REQUESTS.labels("CANCELLED").inc()
-                return  # the client cancelled or its deadline passed; nobody to tell
-            if sent == 0:
-                raise _NothingSent(code, details) from None
-            REQUESTS.labels(code.name).inc()
-            event(log, "worker failed mid-stream", request_id=rid, level=logging.WARNING,
-                  worker=lease.worker.id, code=code.name, detail=details, sent=sent)
-            await context.abort(code, details)
+            # (a no-op for a stream that has ended)
+            context.add_done_callback(
+                lambda _context, session=session, number=number: session.cancel(number, details="client went away"))
+            while True:
+                item = await events.get()
+                if isinstance(item, SessionFailed):
+                    code, details = item.code, item.details
+                else:
+                    kind = item.WhichOneof("event")
+                    if kind == "token":
+                        now = time.monotonic()
+                        if last_token is None:
+                            TTFT.observe(now - arrived)
+                        else:
+                            TOKEN_LATENCY.observe(now - last_token)
+                        last_token = now
+                        TOKENS.inc()
+                        sent += 1
+                        yield item
+                        continue
+                    if kind == "final":
+                        REQUESTS.labels("OK").inc()
+                        sent += 1
+                        yield item
+                        return
+                    if kind != "error":
+                        continue  # an event this gateway does not know: not for the client
+                    code, details = _status(item.error.code), item.error.message
+                if context.cancelled():
+                    REQUESTS.labels("CANCELLED").inc()
+                    return  # the client cancelled or its deadline passed; nobody to tell
+                if sent == 0:
+                    raise _NothingSent(code, details)
+                REQUESTS.labels(code.name).inc()
+                event(log, "worker failed mid-stream", request_id=rid, level=logging.WARNING,
+                      worker=lease.worker.id, code=code.name, detail=details, sent=sent)
+                await context.abort(code, details)
         except (asyncio.CancelledError, GeneratorExit):
             # the client cancelled or its deadline passed (the server cancels this handler)
             REQUESTS.labels("CANCELLED").inc()
+            if session is not None and number is not None:
+                session.cancel(number, details="client went away")  # a no-op once broken or ended
             raise
         finally:
-            if call is not None:
-                call.cancel()  # a no-op once the call has ended
+            if session is not None and number is not None:
+                session.drop(number)
             self.upstreams.release(lease)
