@@ -284,11 +284,41 @@ def _handlers():
     })
 
 
-@pytest.fixture(scope="module")
-def error_channel():
+async def _raise_async(kind: str, context) -> None:
+    if kind == "abort":
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, "handler aborted")
+    _raise(kind, context)
+
+
+def _async_handlers():
+    """The same methods as coroutines and async generators, for a grpc.aio Service."""
+    async def unary(request, context):
+        await _raise_async(request.decode(), context)
+
+    async def unary_stream(request, context):
+        yield b"first"
+        await _raise_async(request.decode(), context)
+
+    async def stream_stream(requests, context):
+        async for request in requests:
+            yield b"echo"
+            await _raise_async(request.decode(), context)
+
+    ident = dict(request_deserializer=None, response_serializer=None)
+    return grpc.method_handlers_generic_handler("test.Svc", {
+        "Unary": grpc.unary_unary_rpc_method_handler(unary, **ident),
+        "UnaryStream": grpc.unary_stream_rpc_method_handler(unary_stream, **ident),
+        "StreamStream": grpc.stream_stream_rpc_method_handler(stream_stream, **ident),
+    })
+
+
+@pytest.fixture(scope="module", params=["thread pool", "grpc.aio"])
+def error_channel(request):
+    """The same error mapping through a thread-pool Service and an asynchronous one."""
     ns = argparse.Namespace(host="127.0.0.1", port=0, metrics_port=0)
-    service = Service("errtest", ns, ["test.Svc"], max_workers=4, grace_s=0)
-    service.server.add_generic_rpc_handlers((_handlers(),))
+    asynchronous = request.param == "grpc.aio"
+    service = Service("errtest", ns, ["test.Svc"], max_workers=4, grace_s=0, asynchronous=asynchronous)
+    service.server.add_generic_rpc_handlers((_async_handlers() if asynchronous else _handlers(),))
     port = service.start()
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield channel
