@@ -112,7 +112,7 @@ class StreamHub:
         self.loop.call_soon_threadsafe(self._fan_out, events)
 
     def _fan_out(self, events: list[Event]) -> None:
-        touched: dict[int, Sink] = {}
+        touched: dict[Sink, None] = {}  # in order of first event
         for handle, kind, payload in events:
             sink = self._sinks.get(handle)
             if sink is None:  # the call already ended (cancelled by its client)
@@ -120,8 +120,8 @@ class StreamHub:
             if kind != "token":
                 del self._sinks[handle]
             sink.deliver(handle, kind, payload)
-            touched[id(sink)] = sink
-        for sink in touched.values():
+            touched[sink] = None
+        for sink in touched:
             sink.flush()
 
     def submit(self, gen: GenerationRequest, deadline: float | None, sink: Sink) -> RequestHandle:

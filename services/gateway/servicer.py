@@ -74,7 +74,7 @@ class Upstreams:
         # endpoint -> sync channel and stub for the discovery thread's GetLoad; endpoint -> grpc.aio
         # channel and its current session (both bound to `_loop`, the server's event loop) for Generate
         self._channels: dict[str, tuple[grpc.Channel, inference_pb2_grpc.InferenceStub]] = {}
-        self._streams: dict[str, grpc.aio.Channel] = {}
+        self._session_channels: dict[str, grpc.aio.Channel] = {}
         self._sessions: dict[str, WorkerSession] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing: set[asyncio.Task] = set()  # channel.close() tasks on the loop, kept until done
@@ -102,10 +102,10 @@ class Upstreams:
             self._loop = self._loop or asyncio.get_running_loop()
             session = self._sessions.get(endpoint)
             if session is None or session.broken is not None:
-                channel = self._streams.get(endpoint)
+                channel = self._session_channels.get(endpoint)
                 if channel is None:
                     channel = grpc.aio.insecure_channel(endpoint, options=SESSION_CHANNEL_OPTIONS)
-                    self._streams[endpoint] = channel
+                    self._session_channels[endpoint] = channel
                 session = WorkerSession(endpoint, channel, on_end=self._session_ended)
                 self._sessions[endpoint] = session
             return session
@@ -127,8 +127,8 @@ class Upstreams:
                     continue
                 if info.endpoint in self._channels:
                     self._channels.pop(info.endpoint)[0].close()
-                if info.endpoint in self._streams or info.endpoint in self._sessions:
-                    self._close_on_loop(self._streams.pop(info.endpoint, None),
+                if info.endpoint in self._session_channels or info.endpoint in self._sessions:
+                    self._close_on_loop(self._session_channels.pop(info.endpoint, None),
                                         self._sessions.pop(info.endpoint, None))
 
     def _close_on_loop(self, channel: grpc.aio.Channel | None, session: WorkerSession | None = None) -> None:
@@ -233,8 +233,8 @@ class Upstreams:
             for channel, _ in self._channels.values():
                 channel.close()
             self._channels.clear()
-            for endpoint in set(self._streams) | set(self._sessions):
-                self._close_on_loop(self._streams.pop(endpoint, None), self._sessions.pop(endpoint, None))
+            for endpoint in set(self._session_channels) | set(self._sessions):
+                self._close_on_loop(self._session_channels.pop(endpoint, None), self._sessions.pop(endpoint, None))
 
 
 class _NothingSent(Exception):
