@@ -19,10 +19,10 @@ its own.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from checkpoints import make_checkpoint  # noqa: E402
 from decode_bench import BENCH_CONFIG, PROMPT_LEN, per_step, time_ours, time_transformers  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
-from services.client import Client  # noqa: E402
+from services.client import AsyncClient  # noqa: E402
 from services.launcher.cluster import LocalCluster  # noqa: E402
 
 
@@ -43,24 +43,41 @@ def prompts(batch: int) -> list[list[int]]:
     return [[(i * 7 + j) % 8000 for j in range(PROMPT_LEN)] for i in range(batch)]
 
 
-def time_cluster(client: Client, batch: int, new_tokens: int) -> float:
-    errors: list[Exception] = []
+class ClusterClient:
+    """One AsyncClient on an event loop of its own: a batch's requests run as concurrent streams on
+    the loop's one thread, so the benchmark's own client costs the shared cores as little as it can."""
 
-    def one(prompt: list[int]) -> None:
-        try:
-            client.generate(prompt_ids=prompt, max_new_tokens=new_tokens, ignore_eos=True)
-        except Exception as err:  # noqa: BLE001 - reported below
-            errors.append(err)
+    def __init__(self, endpoint: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.client = self.loop.run_until_complete(self._connect(endpoint))
 
-    threads = [threading.Thread(target=one, args=(p,)) for p in prompts(batch)]
+    @staticmethod
+    async def _connect(endpoint: str) -> AsyncClient:
+        return AsyncClient(endpoint, timeout=600)
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.client.close())
+        self.loop.close()
+
+    def __enter__(self) -> "ClusterClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def time_cluster(client: ClusterClient, batch: int, new_tokens: int) -> float:
+    async def run() -> list:
+        return await asyncio.gather(*(client.client.generate(prompt_ids=p, max_new_tokens=new_tokens, ignore_eos=True)
+                                      for p in prompts(batch)), return_exceptions=True)
+
     start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    outcomes = client.loop.run_until_complete(run())
+    elapsed = time.perf_counter() - start
+    errors = [o for o in outcomes if isinstance(o, BaseException)]
     if errors:
         raise RuntimeError(f"{len(errors)} cluster requests failed, first: {errors[0]}")
-    return time.perf_counter() - start
+    return elapsed
 
 
 def scrape(port: int, names: tuple[str, ...]) -> dict[str, float]:
@@ -100,7 +117,7 @@ class TimedCluster:
         self.cluster = cluster
         self.deltas: dict[int, list[dict[str, float]]] = {}
 
-    def __call__(self, client: Client, batch: int, new_tokens: int) -> float:
+    def __call__(self, client: ClusterClient, batch: int, new_tokens: int) -> float:
         before = split_snapshot(self.cluster)
         elapsed = time_cluster(client, batch, new_tokens)
         after = split_snapshot(self.cluster)
@@ -142,8 +159,7 @@ def main() -> int:
             model_dir, shards=2, replicas=1, attention_workers=args.attention_workers, planes=1, transport=args.transport,
             dispatch_dtype=args.dispatch_dtype, run_dir=Path(tmp) / "run", compile_decode=args.compile_decode,
             ready_timeout=600.0, extra_args={"attention": ["--max-batch", str(max(batches)), "--kv-cache-tokens", "65536"]},
-        ) as cluster:
-            client = Client(cluster.gateway_endpoint, timeout=600)
+        ) as cluster, ClusterClient(cluster.gateway_endpoint) as client:
             print(f"model: {sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M parameters, fp32; prompt {PROMPT_LEN}; "
                   f"cluster: {args.attention_workers} attention worker(s){' compiling decode' if args.compile_decode else ''}, "
                   f"2 expert shards, {'ucx' if cluster.serves_ucx else 'grpc'} dispatch in {args.dispatch_dtype}; "

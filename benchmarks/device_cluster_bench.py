@@ -24,11 +24,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from checkpoints import make_checkpoint  # noqa: E402
-from cluster_bench import prompts, time_cluster  # noqa: E402
+from cluster_bench import ClusterClient, prompts, time_cluster  # noqa: E402
 from decode_bench import BENCH_CONFIG, PROMPT_LEN, per_step  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
 from model.generate import Engine, GenerationRequest  # noqa: E402
-from services.client import Client  # noqa: E402
 from services.launcher.cluster import LocalCluster  # noqa: E402
 
 BATCHES = (1, 16)
@@ -55,8 +54,8 @@ def main() -> int:
         model = load_model(model_dir, device=args.device)
         with LocalCluster(model_dir, shards=2, replicas=1, attention_workers=1, transport=args.transport,
                           dispatch_dtype="fp32", device=args.device, run_dir=Path(tmp) / "run",
-                          extra_args={"attention": ["--max-batch", str(max(BATCHES))]}) as cluster:
-            client = Client(cluster.gateway_endpoint, timeout=600)
+                          extra_args={"attention": ["--max-batch", str(max(BATCHES))]}) as cluster, \
+                ClusterClient(cluster.gateway_endpoint) as client:
             times = {}
             for batch in BATCHES:
                 engine = Engine(model, cache_tokens=batch * (PROMPT_LEN + 2 * args.steps + 16), max_batch=batch)

@@ -9,6 +9,9 @@
 
     RouterClient("127.0.0.1:50051").status()   # moe.v1.Router.ClusterStatus as a dict
 
+    async with AsyncClient("127.0.0.1:50050") as client:   # asyncio: the same calls as coroutines
+        results = await asyncio.gather(*(client.generate(prompt_ids=p, max_new_tokens=16) for p in prompts))
+
 Every failure is a `ClientError(code, message)`: the gRPC status name (or the stream's error
 event code) and the server's message. Needs only grpcio and the generated protos (no torch).
 """
@@ -20,7 +23,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import AsyncIterator, Iterator, Sequence
 
 import grpc
 from google.protobuf import json_format
@@ -134,13 +137,58 @@ def build_request(*, prompt_ids: Sequence[int] | None = None, text: str | None =
     return request
 
 
+class _Stream:
+    """Reads one Generate call's messages into Tokens and, last, the GenerationResult."""
+
+    def __init__(self, request: inference_pb2.GenerateRequest) -> None:
+        self.request = request
+        self.started = time.monotonic()
+        self.first_at: float | None = None
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.pieces: list[str] = []
+
+    def read(self, message: inference_pb2.GenerateResponse) -> Token | GenerationResult | None:
+        """The item a message carries; raises ClientError for an error event."""
+        kind = message.WhichOneof("event")
+        if kind == "token":
+            chunk = message.token
+            if self.first_at is None:
+                self.first_at = time.monotonic()
+            self.tokens.append(chunk.id)
+            self.logprobs.append(chunk.logprob)
+            self.pieces.append(chunk.text)
+            return Token(chunk.id, chunk.logprob, chunk.text, chunk.index)
+        if kind == "error":
+            raise ClientError(message.error.code or "UNKNOWN", message.error.message)
+        if kind == "final":
+            usage = message.final.usage
+            ttft_ms = (self.first_at - self.started) * 1000 if self.first_at is not None else 0.0
+            has_text = self.request.WhichOneof("prompt") == "text" or any(self.pieces)
+            return GenerationResult(
+                tokens=self.tokens, logprobs=self.logprobs, text="".join(self.pieces) if has_text else None,
+                finish_reason=FINISH_REASONS.get(message.final.finish_reason, "unspecified"),
+                usage={"prompt_tokens": usage.prompt_tokens, "generated_tokens": usage.generated_tokens,
+                       "time_to_first_token_ms": round(ttft_ms, 3),
+                       "server_time_to_first_token_ms": round(usage.time_to_first_token_ms, 3),
+                       "total_time_ms": round(usage.total_time_ms, 3)},
+                request_id=message.request_id or self.request.request_id)
+        return None
+
+    def unfinished(self) -> ClientError:
+        return ClientError("INTERNAL", f"stream of request {self.request.request_id} ended without a final message")
+
+
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
+
+
 class Client:
     """Generate through a gateway (or any moe.v1.Inference endpoint)."""
 
     def __init__(self, endpoint: str, timeout: float | None = 600.0) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(endpoint, options=[("grpc.max_receive_message_length", 64 << 20)])
+        self._channel = grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
 
     def stream(self, prompt_ids: Sequence[int] | None = None, text: str | None = None, *,
@@ -151,47 +199,23 @@ class Client:
 
         Closing the generator early (break) cancels the call on the server.
         """
-        request = build_request(prompt_ids=prompt_ids, text=text, max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                                stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
-                                request_id=request_id or uuid.uuid4().hex)
-        started = time.monotonic()
-        first_at = None
-        tokens: list[int] = []
-        logprobs: list[float] = []
-        pieces: list[str] = []
-        call = self._stub.Generate(request, timeout=timeout if timeout is not None else self.timeout)
+        stream = _Stream(build_request(prompt_ids=prompt_ids, text=text, max_new_tokens=max_new_tokens,
+                                       temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                       stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
+                                       request_id=request_id or uuid.uuid4().hex))
+        call = self._stub.Generate(stream.request, timeout=timeout if timeout is not None else self.timeout)
         try:
             for message in call:
-                kind = message.WhichOneof("event")
-                if kind == "token":
-                    chunk = message.token
-                    if first_at is None:
-                        first_at = time.monotonic()
-                    tokens.append(chunk.id)
-                    logprobs.append(chunk.logprob)
-                    pieces.append(chunk.text)
-                    yield Token(chunk.id, chunk.logprob, chunk.text, chunk.index)
-                elif kind == "error":
-                    raise ClientError(message.error.code or "UNKNOWN", message.error.message)
-                elif kind == "final":
-                    usage = message.final.usage
-                    ttft_ms = (first_at - started) * 1000 if first_at is not None else 0.0
-                    has_text = request.WhichOneof("prompt") == "text" or any(pieces)
-                    yield GenerationResult(
-                        tokens=tokens, logprobs=logprobs, text="".join(pieces) if has_text else None,
-                        finish_reason=FINISH_REASONS.get(message.final.finish_reason, "unspecified"),
-                        usage={"prompt_tokens": usage.prompt_tokens, "generated_tokens": usage.generated_tokens,
-                               "time_to_first_token_ms": round(ttft_ms, 3),
-                               "server_time_to_first_token_ms": round(usage.time_to_first_token_ms, 3),
-                               "total_time_ms": round(usage.total_time_ms, 3)},
-                        request_id=message.request_id or request.request_id)
-                    return
+                item = stream.read(message)
+                if item is not None:
+                    yield item
+                    if isinstance(item, GenerationResult):
+                        return
         except grpc.RpcError as err:
             raise ClientError.from_rpc_error(err) from None
         finally:
             call.cancel()  # no-op once the call has ended; frees the server's KV cache otherwise
-        raise ClientError("INTERNAL", f"stream of request {request.request_id} ended without a final message")
+        raise stream.unfinished()
 
     def generate(self, prompt_ids: Sequence[int] | None = None, text: str | None = None, **kwargs) -> GenerationResult:
         """Run one request to completion (same arguments as `stream`)."""
@@ -214,6 +238,74 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class AsyncClient:
+    """`Client` for asyncio applications: the same calls as coroutines and async generators.
+
+    Many concurrent streams share its one channel and the event loop's thread, with no thread per
+    stream. Create it inside the event loop that uses it (a grpc.aio channel belongs to one loop).
+    """
+
+    def __init__(self, endpoint: str, timeout: float | None = 600.0) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self._channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+        self._stub = inference_pb2_grpc.InferenceStub(self._channel)
+
+    async def stream(self, prompt_ids: Sequence[int] | None = None, text: str | None = None, *,
+                     max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                     seed: int | None = None, stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
+                     request_id: str | None = None,
+                     timeout: float | None = None) -> AsyncIterator[Token | GenerationResult]:
+        """Yield a Token per generated token, then the GenerationResult; raises ClientError.
+
+        Leaving the loop early (break, then the generator's aclose) cancels the call on the server.
+        """
+        stream = _Stream(build_request(prompt_ids=prompt_ids, text=text, max_new_tokens=max_new_tokens,
+                                       temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                       stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
+                                       request_id=request_id or uuid.uuid4().hex))
+        call = self._stub.Generate(stream.request, timeout=timeout if timeout is not None else self.timeout)
+        try:
+            async for message in call:
+                item = stream.read(message)
+                if item is not None:
+                    yield item
+                    if isinstance(item, GenerationResult):
+                        return
+        except grpc.RpcError as err:
+            raise ClientError.from_rpc_error(err) from None
+        finally:
+            call.cancel()
+        raise stream.unfinished()
+
+    async def generate(self, prompt_ids: Sequence[int] | None = None, text: str | None = None,
+                       **kwargs) -> GenerationResult:
+        """Run one request to completion (same arguments as `stream`)."""
+        items = self.stream(prompt_ids, text, **kwargs)
+        try:
+            async for item in items:
+                if isinstance(item, GenerationResult):
+                    return item
+        finally:
+            await items.aclose()
+        raise ClientError("INTERNAL", "stream ended without a result")  # stream() raises first
+
+    async def load(self, timeout: float = 2.0) -> inference_pb2.WorkerLoad:
+        try:
+            return await self._stub.GetLoad(inference_pb2.GetLoadRequest(), timeout=timeout)
+        except grpc.RpcError as err:
+            raise ClientError.from_rpc_error(err) from None
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
 
 class RouterClient:

@@ -206,7 +206,7 @@ def test_process_failing_to_start_is_named_and_nothing_is_left(v3_checkpoint, tm
     cluster = f"t-{secrets.token_hex(4)}"
     up = moe("up", "--model", str(broken), "--shards", "2", "--replicas", "1", "--attention-workers", "1",
              "--port", "0", "--run-dir", str(tmp_path / "run"), "--cluster", cluster, "--detach", "--timeout", "120")
-    assert up.returncode == 2, up.stderr
+    assert up.returncode == 1, up.stderr  # the flags were fine: a service failed, as for an outage
     line = next(l for l in up.stderr.splitlines() if l.startswith("moe up: cluster did not start"))
     assert re.search(r"(expert shard-\d-\d replica 1/1|attention worker 1/1) \(\S+\) exited with status", line)
     assert "last lines of" in line

@@ -103,7 +103,8 @@ def _up(args: argparse.Namespace) -> int:
         try:
             cluster.start()
         except ClusterError as err:
-            raise CliError(f"cluster did not start: {err}") from None
+            # everything asked for passed the checks above; a process that then fails is an outage
+            raise ServiceError(f"cluster did not start: {err}") from None
         except (KeyboardInterrupt, _Stop):
             _say("interrupted; everything started has been stopped")
             return 130
