@@ -4,7 +4,9 @@ tokens and the difference divided by N gives the per-step decode time. The conte
 interleaved, round after round, and each keeps its best round, so a noisy neighbour on a shared
 machine slows every contender alike instead of whichever happened to run at that moment. Ours runs
 eagerly and, for batches of up to 16, also through compiled decode steps (`Engine(compile_cpu=True)`;
-compiling happens in the warm-up, outside the timed runs).
+compiling happens in the warm-up, outside the timed runs). transformers runs in every dtype ours
+does, and each row prints its ratio against transformers in float32 and in the row's own dtype
+(on CPUs with native bf16 instructions, transformers itself gains from bf16 too).
 
     python benchmarks/decode_bench.py [--dtypes float32,bfloat16] [--batches 1,16] [--steps 32]
 """
@@ -12,6 +14,7 @@ compiling happens in the warm-up, outside the timed runs).
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import sys
 import tempfile
@@ -70,7 +73,7 @@ def per_step(contenders: dict, batch: int, steps: int, rounds: int) -> dict[str,
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtypes", default="float32,bfloat16", help="our model's dtypes (transformers runs fp32)")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="dtypes of both models' weights")
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
@@ -81,20 +84,25 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         hf = make_checkpoint(Path(tmp), "v3", seed=0, **BENCH_CONFIG)
         ours = {dtype: load_model(tmp, dtype=dtype) for dtype in dtypes}
-    contenders = {"transformers float32": (time_transformers, hf)}
+    hf.eval()
+    theirs = {dtype: hf if dtype == "float32" else copy.deepcopy(hf).to(getattr(torch, dtype)) for dtype in dtypes}
+    theirs.setdefault("float32", hf)
+    contenders = {f"transformers {dtype}": (time_transformers, model) for dtype, model in theirs.items()}
     contenders.update({f"ours {dtype} eager": (time_ours, model) for dtype, model in ours.items()})
     compiled = {f"ours {dtype} compiled": (functools.partial(time_ours, compile_cpu=True), model) for dtype, model in ours.items()}
     params = sum(p.numel() for p in hf.parameters())
     print(f"model: {params / 1e6:.1f}M parameters; prompt {PROMPT_LEN}; {torch.get_num_threads()} threads; "
           f"best of {args.rounds} interleaved rounds")
-    print(f"{'batch':>5} {'contender (weights dtype)':<28} {'ms/step':>9} {'tok/s':>7} {'vs transformers':>16}")
+    print(f"{'batch':>5} {'contender (weights dtype)':<28} {'ms/step':>9} {'tok/s':>7} "
+          f"{'vs transformers float32':>24} {'vs transformers same dtype':>27}")
     for batch in [int(b) for b in args.batches.split(",")]:
         # compiled decode steps serve up to COMPILED_BATCH sequences; larger ones run eagerly
         times = per_step(contenders | (compiled if batch <= COMPILED_BATCH and not args.eager_only else {}),
                          batch, args.steps, args.rounds)
-        theirs = times["transformers float32"]
         for name, t in times.items():
-            print(f"{batch:>5} {name:<28} {t * 1e3:>9.2f} {batch / t:>7.0f} {theirs / t:>15.2f}x")
+            dtype = name.split()[1]
+            print(f"{batch:>5} {name:<28} {t * 1e3:>9.2f} {batch / t:>7.0f} "
+                  f"{times['transformers float32'] / t:>23.2f}x {times[f'transformers {dtype}'] / t:>26.2f}x")
     return 0
 
 
