@@ -133,6 +133,12 @@ def test_attention_gets_one_deployment_per_plane_with_its_dispatch_settings(rend
         "ucx", "fp8", "256", "1048576")
 
 
+def test_gateway_gets_its_limit_on_unread_messages(render):
+    for set_values, expected in (((), "4096"), (("gateway.maxUnread=128",), "128")):
+        gateway = by_name(render(GPU, set_values=set_values), "Deployment", "demo-moe-runtime-gateway")
+        assert env_of(gateway["spec"]["template"]["spec"]["containers"][0])["MOE_MAX_UNREAD"] == expected
+
+
 def test_named_plane_overrides_the_spread(render):
     objs = render(GPU, set_values=("expertShards[0].plane=5", "attention.plane=3"))
     env = env_of(by_name(objs, "Deployment", "demo-moe-runtime-expert-e00")["spec"]["template"]["spec"]["containers"][0])

@@ -20,6 +20,7 @@ from services.common.server import Service
 from services.gateway.__main__ import SERVICE_NAME
 from services.gateway.balancer import Balancer, WorkerInfo
 from services.gateway.servicer import GatewayServicer, Upstreams
+from services.gateway.sessions import DEFAULT_MAX_UNREAD
 
 W = [WorkerInfo(f"w{i}", f"127.0.0.1:{1000 + i}") for i in range(3)]
 
@@ -201,17 +202,17 @@ def _serve(servicer):
 
 @pytest.fixture
 def gateway():
-    """make(*fakes, max_streams=16) -> (client, upstreams): sync fake workers, and the gateway
+    """make(*fakes, max_streams=16, max_unread=...) -> (client, upstreams): sync fake workers, and the gateway
     served as in production (grpc.aio Service on a free loopback port); no Redis."""
     servers, made, services = [], [], []
 
-    def make(*fakes, max_streams=16):
+    def make(*fakes, max_streams=16, max_unread=DEFAULT_MAX_UNREAD):
         workers = []
         for i, fake in enumerate(fakes):
             server, endpoint = _serve(fake)
             servers.append(server)
             workers.append(WorkerInfo(f"w{i}", endpoint))
-        upstreams = Upstreams(None, None)
+        upstreams = Upstreams(None, None, max_unread=max_unread)
         upstreams.set_workers(workers)
         args = argparse.Namespace(host="127.0.0.1", port=0, metrics_port=0)
         service = Service("gateway", args, [SERVICE_NAME], grace_s=1.0, asynchronous=True)
@@ -345,6 +346,28 @@ def test_streams_past_max_streams_end_resource_exhausted_while_the_first_ones_ru
     for stream in first:
         result = list(stream)[-1]
         assert result.tokens == [10, 11, 12] and result.finish_reason == "length"
+
+
+def test_a_client_that_stops_reading_is_stopped_past_max_unread_and_keeps_what_was_sent(gateway):
+    fake = FakeWorker(tokens=1_000_000)
+    client, upstreams = gateway(fake, max_unread=64)
+    # a client whose receive window stays at HTTP/2's initial size, so the gateway's writes block soon
+    with grpc.insecure_channel(client.endpoint, options=[("grpc.http2.bdp_probe", 0)]) as channel:
+        call = inference_pb2_grpc.InferenceStub(channel).Generate(
+            build_request(prompt_ids=[1], max_new_tokens=1_000_000), timeout=120)
+        ids = [next(call).token.id]
+        # the client reads nothing more: tokens pile up at the gateway until it stops the stream
+        assert fake.cancelled.wait(60.0) and fake.cancels == [1]
+        with pytest.raises(grpc.RpcError) as err:
+            for message in call:
+                ids.append(message.token.id)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "read too slowly" in err.value.details() and "--max-unread 64" in err.value.details()
+    assert 64 < len(ids) < 1_000_000 and ids == list(range(10, 10 + len(ids)))  # in order, none dropped
+    assert _wait_for(lambda: upstreams.balancer.in_flight() == 0)
+    stream = client.stream(prompt_ids=[1], max_new_tokens=3)  # the session serves on
+    assert next(stream).id == 10
+    stream.close()
 
 
 def test_no_worker_is_unavailable_with_a_message(gateway):

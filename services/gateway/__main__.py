@@ -17,6 +17,7 @@ from services.common.logging import configure_logging, event, get_logger
 from services.common.redis_store import Keys, ReplicaRecord
 from services.common.server import Service
 from services.gateway.servicer import GatewayServicer, Upstreams
+from services.gateway.sessions import DEFAULT_MAX_UNREAD
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 log = get_logger("gateway")
@@ -30,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="registry and GetLoad poll period, seconds [1.0]")
     parser.add_argument("--max-streams", type=int, default=256,
                         help="Generate streams served at once; past it new calls end RESOURCE_EXHAUSTED [256]")
+    parser.add_argument("--max-unread", type=int, default=int(settings.env("MOE_MAX_UNREAD", str(DEFAULT_MAX_UNREAD))),
+                        help="messages a stream may leave unread by a slow client; past it the request is "
+                             f"stopped and ends RESOURCE_EXHAUSTED [MOE_MAX_UNREAD, {DEFAULT_MAX_UNREAD}]")
     parser.add_argument("--grace", type=float, default=10.0, help="shutdown grace period, seconds [10]")
     return parser
 
@@ -37,9 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging("gateway", args.log_level)
-    if args.max_streams < 1:
-        print(f"gateway: --max-streams must be >= 1, got {args.max_streams}", file=sys.stderr)
-        return 2
+    for flag, value in (("--max-streams", args.max_streams), ("--max-unread", args.max_unread)):
+        if value < 1:
+            print(f"gateway: {flag} must be >= 1, got {value}", file=sys.stderr)
+            return 2
     client = redis_store.connect(args.redis_url, settings.redis_password())
     keys = Keys(args.cluster)
 
@@ -53,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
                 service.set_serving(True)
                 event(log, "first attention worker found, serving")
 
-    upstreams = Upstreams(client, keys, poll_s=args.poll_interval, on_workers=on_workers)
+    upstreams = Upstreams(client, keys, poll_s=args.poll_interval, on_workers=on_workers,
+                          max_unread=args.max_unread)
     servicer = GatewayServicer(upstreams, max_streams=args.max_streams)
     inference_pb2_grpc.add_InferenceServicer_to_server(servicer, service.server)
     port = service.start()

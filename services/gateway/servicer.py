@@ -36,7 +36,7 @@ from services.common.errors import ResourceExhausted, Unavailable
 from services.common.logging import event, get_logger
 from services.common.redis_store import Keys
 from services.gateway.balancer import Balancer, Lease, WorkerInfo
-from services.gateway.sessions import SessionFailed, WorkerSession
+from services.gateway.sessions import DEFAULT_MAX_UNREAD, SessionFailed, WorkerSession
 
 log = get_logger("gateway")
 
@@ -64,8 +64,10 @@ class Upstreams:
 
     def __init__(self, client: redis.Redis | None, keys: Keys | None, *, poll_s: float = 1.0,
                  empty_grace_s: float = redis_store.REPLICA_TTL_S,
-                 on_workers: Callable[[int], None] | None = None) -> None:
+                 on_workers: Callable[[int], None] | None = None, max_unread: int = DEFAULT_MAX_UNREAD) -> None:
+        """max_unread: messages a stream may leave waiting for a slow client (`WorkerSession`)."""
         self.client = client
+        self.max_unread = max_unread
         self.keys = keys
         self.poll_s = poll_s
         self.empty_grace_s = empty_grace_s
@@ -106,7 +108,7 @@ class Upstreams:
                 if channel is None:
                     channel = grpc.aio.insecure_channel(endpoint, options=SESSION_CHANNEL_OPTIONS)
                     self._session_channels[endpoint] = channel
-                session = WorkerSession(endpoint, channel, on_end=self._session_ended)
+                session = WorkerSession(endpoint, channel, on_end=self._session_ended, max_unread=self.max_unread)
                 self._sessions[endpoint] = session
             return session
 
@@ -373,7 +375,7 @@ class GatewayServicer(inference_pb2_grpc.InferenceServicer):
                 if sent == 0:
                     raise _NothingSent(code, details)
                 REQUESTS.labels(code.name).inc()
-                event(log, "worker failed mid-stream", request_id=rid, level=logging.WARNING,
+                event(log, "stream failed mid-generation", request_id=rid, level=logging.WARNING,
                       worker=lease.worker.id, code=code.name, detail=details, sent=sent)
                 await context.abort(code, details)
         except (asyncio.CancelledError, GeneratorExit):

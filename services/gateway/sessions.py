@@ -8,6 +8,12 @@ then one final or one error) or, when the session ends first, one `SessionFailed
 ends or fails, the session is broken for good: every open stream is woken with that status (a
 call that ends OK with streams still open is UNAVAILABLE "worker closed the session") and
 `on_end` lets the owner drop it, so the next request opens a fresh session.
+
+A client that reads more slowly than its tokens arrive leaves them on its stream's queue; past
+`max_unread` waiting messages the stream is cancelled at the worker and ends RESOURCE_EXHAUSTED
+after the messages already queued, so one stalled client cannot grow the gateway's memory
+without bound (the worker sends each step's events for all streams at once and cannot hold back
+one stream's).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import grpc
 from moe.v1 import inference_pb2, inference_pb2_grpc
 
 TERMINAL = ("final", "error")
+DEFAULT_MAX_UNREAD = 4096  # messages waiting for one slow client before its stream is ended
 
 
 @dataclass(frozen=True)
@@ -40,9 +47,11 @@ class WorkerSession:
     """The gateway's session with one worker; create, use and close it on the event loop."""
 
     def __init__(self, endpoint: str, channel: grpc.aio.Channel,
-                 on_end: Callable[["WorkerSession"], None] | None = None) -> None:
+                 on_end: Callable[["WorkerSession"], None] | None = None, *,
+                 max_unread: int = DEFAULT_MAX_UNREAD) -> None:
         self.endpoint = endpoint
         self.on_end = on_end
+        self.max_unread = max_unread
         self.broken: SessionFailed | None = None
         self.closed = False  # closed by the gateway (close()), not ended by the worker or the connection
         self._numbers = itertools.count(1)
@@ -94,6 +103,10 @@ class WorkerSession:
                     if item.response.WhichOneof("event") in TERMINAL:
                         del self._streams[item.stream]  # over: no cancel will be sent for it
                     events.put_nowait(item.response)
+                    if events.qsize() > self.max_unread and item.stream in self._streams:
+                        self.cancel(item.stream, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"the client read too slowly: {events.qsize()} messages waited unread at "
+                                    f"the gateway (--max-unread {self.max_unread}); generation stopped")
         except grpc.RpcError as err:
             failure = SessionFailed(err.code(), err.details() or "")
         except asyncio.CancelledError:  # the call was cancelled here (close(), channel closed)
