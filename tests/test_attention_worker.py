@@ -124,6 +124,11 @@ def test_a_deadline_passing_mid_stream_ends_the_call_and_frees_its_cache(worker)
     assert after["tokens"] - before["tokens"] < 180
 
 
+def test_load_names_the_plan_version_the_worker_dispatches_by(worker):
+    # the local cluster was ready only once the worker held the router's complete plan
+    assert worker.GetLoad(inference_pb2.GetLoadRequest(), timeout=5).plan_version >= 1
+
+
 def test_calls_past_max_streams_are_refused_not_left_waiting_while_load_polls_are_answered(worker):
     # the cache admits one such request at a time, so the first calls stay open while more arrive
     outcomes: list = []

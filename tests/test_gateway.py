@@ -282,6 +282,14 @@ def test_retry_happens_only_once(gateway):
     assert err.value.code == "UNAVAILABLE" and "worker is down" in err.value.message
 
 
+def test_a_lone_worker_failing_before_any_token_is_named_with_its_message(gateway):
+    client, _ = gateway(FakeWorker("unavailable"))
+    with pytest.raises(ClientError) as err:
+        client.generate(prompt_ids=[1], max_new_tokens=2)
+    assert err.value.code == "UNAVAILABLE"
+    assert err.value.message == "attention worker w0: worker is down; no other attention worker to retry on"
+
+
 def test_worker_status_and_message_pass_through_unchanged(gateway):
     fake = FakeWorker("invalid")
     client, _ = gateway(fake, FakeWorker())

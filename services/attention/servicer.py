@@ -185,10 +185,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def GetLoad(self, request, context):
         load = self.worker.scheduler.load()
+        plan = self.worker.plans.get()
         return inference_pb2.WorkerLoad(
             replica_id=self.replica_id, plane=self.plane, active_sequences=load["active"],
             queued_sequences=load["queued"], max_batch=self.worker.engine.max_batch,
             kv_cache_used_tokens=load["kv_used"], kv_cache_total_tokens=load["kv_total"], accepting=True,
+            plan_version=plan.version if plan is not None else 0,
         )
 
 

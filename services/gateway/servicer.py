@@ -299,6 +299,7 @@ class GatewayServicer(inference_pb2_grpc.InferenceServicer):
         rid = request.request_id
         arrived = time.monotonic()
         tried: set[str] = set()
+        last_failure = ""  # the worker and message of the attempt before, for the final message
         self.streams += 1  # on the server's one event loop: no lock needed
         IN_FLIGHT.inc()
         try:
@@ -306,8 +307,9 @@ class GatewayServicer(inference_pb2_grpc.InferenceServicer):
                 lease = self.upstreams.balancer.acquire(exclude=tried)
                 if lease is None:
                     REQUESTS.labels("UNAVAILABLE").inc()
-                    where = f" (tried {', '.join(sorted(tried))})" if tried else ""
-                    raise Unavailable(f"no attention worker available{where}")
+                    if last_failure:
+                        raise Unavailable(f"{last_failure}; no other attention worker to retry on")
+                    raise Unavailable("no attention worker available")
                 tried.add(lease.worker.id)
                 try:
                     async with aclosing(self._forward(request, context, lease, arrived)) as messages:
@@ -317,6 +319,7 @@ class GatewayServicer(inference_pb2_grpc.InferenceServicer):
                 except _NothingSent as failed:
                     code, details = failed.code, failed.details
                 if code == grpc.StatusCode.UNAVAILABLE and len(tried) <= self.retries and not context.done():
+                    last_failure = f"attention worker {lease.worker.id}: {details}"
                     RETRIES.inc()
                     self.upstreams.balancer.mark_failed(lease.worker.id)
                     event(log, "worker unavailable before any token, retrying elsewhere", request_id=rid,

@@ -349,31 +349,40 @@ class LocalCluster:
                 channel.close()
 
     def wait_ready(self, timeout: float = 60.0) -> dict:
-        """Block until the router lists every replica serving and a plan with no missing expert."""
-        from services.client import ClientError, RouterClient
+        """Block until the router lists every replica serving and a plan with no missing expert,
+        and every attention worker dispatches by that plan (workers poll for it: a request sent
+        before would meet the previous plan, or none)."""
+        from services.client import Client, ClientError, RouterClient
 
         want = {"expert": self.shards * self.replicas, "attention": self.attention_workers, "gateway": 1}
         deadline = time.monotonic() + timeout
         seen: dict = {}
+        workers = [Client(endpoint) for endpoint in self.worker_endpoints()]
         with RouterClient(self.router_endpoint, timeout=2.0) as router:
-            while True:
-                try:
-                    status = router.cluster_status()
-                except ClientError as err:
-                    seen = {"error": str(err)}
-                else:
-                    counts = {k: sum(r.kind == k and r.state == "serving" for r in status.replicas) for k in want}
-                    seen = {"registered": counts, "missing": len(status.missing), "plan_version": status.plan_version}
-                    if counts == want and not status.missing and status.plan_version > 0:
-                        self.progress(f"plan version {status.plan_version}: every expert served")
-                        return seen
-                for proc in self.processes.values():
-                    if not proc.running():
-                        raise ClusterError(f"{proc.label} ({proc.name}) exited with status {proc.exit_status()}; "
-                                           f"last lines of {proc.log_path}:\n{log_tail(proc.log_path)}")
-                if time.monotonic() > deadline:
-                    raise ClusterError(f"cluster not ready after {timeout:.0f}s: want {want}, router says {seen}")
-                time.sleep(0.1)
+            try:
+                while True:
+                    try:
+                        status = router.cluster_status()
+                        counts = {k: sum(r.kind == k and r.state == "serving" for r in status.replicas) for k in want}
+                        seen = {"registered": counts, "missing": len(status.missing), "plan_version": status.plan_version}
+                        if counts == want and not status.missing and status.plan_version > 0:
+                            versions = [w.load().plan_version for w in workers]
+                            seen["workers' plan versions"] = versions
+                            if min(versions, default=status.plan_version) >= status.plan_version:
+                                self.progress(f"plan version {status.plan_version}: every expert served")
+                                return seen
+                    except ClientError as err:
+                        seen = {**seen, "error": str(err)}
+                    for proc in self.processes.values():
+                        if not proc.running():
+                            raise ClusterError(f"{proc.label} ({proc.name}) exited with status {proc.exit_status()}; "
+                                               f"last lines of {proc.log_path}:\n{log_tail(proc.log_path)}")
+                    if time.monotonic() > deadline:
+                        raise ClusterError(f"cluster not ready after {timeout:.0f}s: want {want}, router says {seen}")
+                    time.sleep(0.1)
+            finally:
+                for worker in workers:
+                    worker.close()
 
     def stop(self) -> None:
         """Stop every process (SIGTERM all services, wait, SIGKILL stragglers, then Redis)."""

@@ -137,7 +137,7 @@ class GetLoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("replica_id", "plane", "active_sequences", "queued_sequences", "max_batch", "kv_cache_used_tokens", "kv_cache_total_tokens", "accepting")
+    __slots__ = ("replica_id", "plane", "active_sequences", "queued_sequences", "max_batch", "kv_cache_used_tokens", "kv_cache_total_tokens", "accepting", "plan_version")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     PLANE_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +146,7 @@ class WorkerLoad(_message.Message):
     KV_CACHE_USED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTING_FIELD_NUMBER: _ClassVar[int]
+    PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     plane: int
     active_sequences: int
@@ -154,4 +155,5 @@ class WorkerLoad(_message.Message):
     kv_cache_used_tokens: int
     kv_cache_total_tokens: int
     accepting: bool
-    def __init__(self, replica_id: _Optional[str] = ..., plane: _Optional[int] = ..., active_sequences: _Optional[int] = ..., queued_sequences: _Optional[int] = ..., max_batch: _Optional[int] = ..., kv_cache_used_tokens: _Optional[int] = ..., kv_cache_total_tokens: _Optional[int] = ..., accepting: _Optional[bool] = ...) -> None: ...
+    plan_version: int
+    def __init__(self, replica_id: _Optional[str] = ..., plane: _Optional[int] = ..., active_sequences: _Optional[int] = ..., queued_sequences: _Optional[int] = ..., max_batch: _Optional[int] = ..., kv_cache_used_tokens: _Optional[int] = ..., kv_cache_total_tokens: _Optional[int] = ..., accepting: _Optional[bool] = ..., plan_version: _Optional[int] = ...) -> None: ...
