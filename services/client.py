@@ -244,7 +244,9 @@ class AsyncClient:
     """`Client` for asyncio applications: the same calls as coroutines and async generators.
 
     Many concurrent streams share its one channel and the event loop's thread, with no thread per
-    stream. Create it inside the event loop that uses it (a grpc.aio channel belongs to one loop).
+    stream. Create it inside the event loop that uses it (a grpc.aio channel belongs to one loop),
+    and keep to one event loop per process: grpc.aio's poller stays bound to the first loop, and
+    channels made on a later loop after that one closed work but log "Event loop is closed".
     """
 
     def __init__(self, endpoint: str, timeout: float | None = 600.0) -> None:
