@@ -11,15 +11,19 @@ admission cancel out of the split too.
 
 With --compile-decode the attention workers compile their decode steps before serving, and the
 in-process generator runs both eagerly and compiled (`Engine(compile_cpu=True)`), each a side of
-its own.
+its own. With --attention-dtype bfloat16 the attention workers and the in-process generator run
+in bf16 (the shards keep the checkpoint's fp32: their thin expert GEMMs are slower in bf16 on
+CPU), and transformers runs in bf16 as well as in fp32.
 
-    python benchmarks/cluster_bench.py [--batches 1,16,64] [--steps 16] [--dispatch-dtype fp32] [--compile-decode]
+    python benchmarks/cluster_bench.py [--batches 1,16,64] [--steps 16] [--dispatch-dtype fp32]
+        [--compile-decode] [--attention-dtype float32|bfloat16]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import functools
 import sys
 import tempfile
@@ -141,7 +145,10 @@ def main() -> int:
     parser.add_argument("--batches", default="1,16,64")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--dispatch-dtype", default="fp32", choices=["fp32", "bf16", "fp8"])
+    parser.add_argument("--dispatch-dtype", choices=["fp32", "bf16", "fp8"],
+                        help="hidden states on the wire [the attention workers' dtype: fp32 or bf16]")
+    parser.add_argument("--attention-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="weights of the attention workers and the in-process generator [float32]")
     parser.add_argument("--transport", default="auto", choices=["auto", "grpc", "ucx"],
                         help="expert data path, as `moe up --transport` [auto: UCX where ucxx is installed]")
     parser.add_argument("--attention-workers", type=int, default=1)
@@ -153,21 +160,27 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
         hf = make_checkpoint(model_dir, "v3", seed=0, **BENCH_CONFIG)
-        ours = load_model(model_dir)
+        ours = load_model(model_dir, dtype=args.attention_dtype)
         hf.eval()
+        dispatch_dtype = args.dispatch_dtype or ("fp32" if args.attention_dtype == "float32" else "bf16")
+        attention_args = ["--max-batch", str(max(batches)), "--kv-cache-tokens", "65536", "--dtype", args.attention_dtype]
         with LocalCluster(
             model_dir, shards=2, replicas=1, attention_workers=args.attention_workers, planes=1, transport=args.transport,
-            dispatch_dtype=args.dispatch_dtype, run_dir=Path(tmp) / "run", compile_decode=args.compile_decode,
-            ready_timeout=600.0, extra_args={"attention": ["--max-batch", str(max(batches)), "--kv-cache-tokens", "65536"]},
+            dispatch_dtype=dispatch_dtype, run_dir=Path(tmp) / "run", compile_decode=args.compile_decode,
+            ready_timeout=600.0, extra_args={"attention": attention_args},
         ) as cluster, ClusterClient(cluster.gateway_endpoint) as client:
-            print(f"model: {sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M parameters, fp32; prompt {PROMPT_LEN}; "
+            print(f"model: {sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M parameters, attention workers and "
+                  f"in-process generator in {args.attention_dtype}, shards in float32; prompt {PROMPT_LEN}; "
                   f"cluster: {args.attention_workers} attention worker(s){' compiling decode' if args.compile_decode else ''}, "
-                  f"2 expert shards, {'ucx' if cluster.serves_ucx else 'grpc'} dispatch in {args.dispatch_dtype}; "
+                  f"2 expert shards, {'ucx' if cluster.serves_ucx else 'grpc'} dispatch in {dispatch_dtype}; "
                   f"{cluster.torch_threads} torch thread(s) per process")
             peers = {"in-process": (time_ours, ours)}
             if args.compile_decode:
                 peers["in-process compiled"] = (functools.partial(time_ours, compile_cpu=True), ours)
             peers["transformers"] = (time_transformers, hf)
+            if args.attention_dtype != "float32":
+                peers[f"transformers {args.attention_dtype}"] = (
+                    time_transformers, copy.deepcopy(hf).to(getattr(torch, args.attention_dtype)))
             print(f"{'batch':>5} {'cluster tok/s':>14} " + " ".join(f"{name + ' tok/s':>{len(name) + 7}}" for name in peers)
                   + " " + " ".join(f"{'cluster/' + name:>{len(name) + 9}}" for name in peers))
             timed, splits = TimedCluster(cluster), []
