@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny checkpoints written by `transformers`, built once per test session."""
+"""Shared fixtures: tiny checkpoints written by `transformers`, built once per test session; the gateway
+in front of fake workers (fake_workers.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 from checkpoints import make_checkpoint  # noqa: E402
+from fake_workers import gateway  # noqa: E402,F401 - the fixture, for test_gateway.py and test_client.py
 
 
 @pytest.fixture(scope="session")

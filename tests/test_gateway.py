@@ -1,11 +1,7 @@
-"""Gateway: least-loaded choice (pure), the Generate proxy against fake workers, client errors."""
+"""Gateway: least-loaded choice (pure) and the Generate proxy against fake workers."""
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import queue
-import threading
 import time
 from concurrent import futures
 
@@ -14,13 +10,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
-from moe.v1 import inference_pb2, inference_pb2_grpc
-from services.client import AsyncClient, Client, ClientError, GenerationResult, build_request
-from services.common.server import Service
-from services.gateway.__main__ import SERVICE_NAME
+from fake_workers import FakeWorker, wait_for
+from moe.v1 import inference_pb2_grpc
+from services.client import ClientError, build_request
 from services.gateway.balancer import Balancer, WorkerInfo
-from services.gateway.servicer import GatewayServicer, Upstreams
-from services.gateway.sessions import DEFAULT_MAX_UNREAD
 
 W = [WorkerInfo(f"w{i}", f"127.0.0.1:{1000 + i}") for i in range(3)]
 
@@ -78,172 +71,9 @@ def test_worker_leaving_the_registry_keeps_its_streams_until_they_end():
 
 # ---- proxy against fake workers ---------------------------------------------------------
 
-class FakeWorker(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.InferenceSessionServicer):
-    """A sync worker serving InferenceSession.Open as a step loop: each step sends ONE SessionEvents
-    with the next event of every running stream of the session.
-
-    mode: "ok"; "unavailable" / "invalid": every start is refused at once with an error event;
-    "die-mid-stream": an UNAVAILABLE error event right after a stream's first token.
-    `hold`: after its first token each stream waits until `gate` is set. `prompt_tokens`: token
-    ids are prompt_ids[0] * 100 + i instead of 10 + i. Setting `kill` ends the Open call at its
-    next step: `kill_how` "abort" (UNAVAILABLE "worker died") or "return" (OK, streams still open).
-    """
-
-    def __init__(self, mode: str = "ok", tokens: int = 3, delay: float = 0.0, hold: bool = False,
-                 prompt_tokens: bool = False):
-        self.mode, self.tokens, self.delay, self.prompt_tokens = mode, tokens, delay, prompt_tokens
-        self.opens = 0   # Open calls
-        self.calls = 0   # streams started
-        self.seen: list[tuple[str, float]] = []  # (request_id, timeout_s) of each start
-        self.cancels: list[int] = []             # stream numbers the gateway cancelled
-        self.batches: list[int] = []             # streams with an event in each SessionEvents sent
-        self.cancelled = threading.Event()  # a running stream was cancelled, or its Open call ended under it
-        self.ended = threading.Event()      # an Open call ended
-        self.gate = threading.Event()
-        if not hold:
-            self.gate.set()
-        self.kill = threading.Event()
-        self.kill_how = "abort"
-
-    def GetLoad(self, request, context):
-        return inference_pb2.WorkerLoad(replica_id="fake", accepting=True, max_batch=8)
-
-    def _token(self, request, i):
-        first = request.prompt_ids.ids[0] * 100 if self.prompt_tokens else 10
-        return inference_pb2.GenerateResponse(request_id=request.request_id,
-                                              token=inference_pb2.TokenChunk(id=first + i, logprob=-1.0, index=i))
-
-    @staticmethod
-    def _error(request, code, message):
-        return inference_pb2.GenerateResponse(request_id=request.request_id,
-                                              error=inference_pb2.Error(code=code, message=message))
-
-    def Open(self, request_iterator, context):
-        self.opens += 1
-        incoming: queue.Queue = queue.Queue()
-
-        def read():
-            try:
-                for request in request_iterator:
-                    incoming.put(request)
-            except Exception:  # noqa: BLE001 - the call ended
-                pass
-            incoming.put(None)
-
-        threading.Thread(target=read, daemon=True).start()
-        running: dict[int, list] = {}  # stream -> [GenerateRequest, next token index]
-        context.add_callback(lambda: self.cancelled.set() if running else None)
-        context.add_callback(self.ended.set)
-        while context.is_active():
-            if self.kill.is_set():
-                self.kill.clear()
-                if self.kill_how == "abort":
-                    context.abort(grpc.StatusCode.UNAVAILABLE, "worker died")
-                return
-            events = []
-            gate = self.gate.is_set()
-            block = not any(gate or index == 0 for _, index in running.values())
-            while True:  # take what the gateway sent; wait a little when nothing can step
-                try:
-                    message = incoming.get(timeout=0.05) if block else incoming.get_nowait()
-                except queue.Empty:
-                    break
-                block = False
-                if message is None:
-                    return
-                if message.WhichOneof("action") == "cancel":
-                    self.cancels.append(message.stream)
-                    if running.pop(message.stream, None) is not None:
-                        self.cancelled.set()
-                    continue
-                request = message.start
-                self.calls += 1
-                self.seen.append((request.request_id, message.timeout_s))
-                if self.mode == "unavailable":
-                    events.append((message.stream, self._error(request, "UNAVAILABLE", "worker is down")))
-                elif self.mode == "invalid":
-                    events.append((message.stream, self._error(
-                        request, "INVALID_ARGUMENT", "prompt_ids: token 999 is outside the vocabulary")))
-                else:
-                    running[message.stream] = [request, 0]
-            if self.delay and running:
-                time.sleep(self.delay)
-            for stream, state in list(running.items()):
-                request, index = state
-                if not (gate or index == 0):
-                    continue
-                if index < self.tokens:
-                    events.append((stream, self._token(request, index)))
-                    state[1] += 1
-                    if self.mode == "die-mid-stream":
-                        events.append((stream, self._error(request, "UNAVAILABLE", "worker died")))
-                        del running[stream]
-                else:
-                    events.append((stream, inference_pb2.GenerateResponse(
-                        request_id=request.request_id, final=inference_pb2.Final(
-                            finish_reason=inference_pb2.FINISH_REASON_LENGTH,
-                            usage=inference_pb2.Usage(prompt_tokens=len(request.prompt_ids.ids),
-                                                      generated_tokens=self.tokens)))))
-                    del running[stream]
-            if events:
-                self.batches.append(len({stream for stream, _ in events}))
-                yield inference_pb2.SessionEvents(events=[inference_pb2.SessionEvent(stream=stream, response=response)
-                                                          for stream, response in events])
-
-
-def _serve(servicer):
-    server = grpc.server(futures.ThreadPoolExecutor(8))
-    inference_pb2_grpc.add_InferenceServicer_to_server(servicer, server)
-    inference_pb2_grpc.add_InferenceSessionServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    return server, f"127.0.0.1:{port}"
-
-
-@pytest.fixture
-def gateway():
-    """make(*fakes, max_streams=16, max_unread=...) -> (client, upstreams): sync fake workers, and the gateway
-    served as in production (grpc.aio Service on a free loopback port); no Redis."""
-    servers, made, services = [], [], []
-
-    def make(*fakes, max_streams=16, max_unread=DEFAULT_MAX_UNREAD):
-        workers = []
-        for i, fake in enumerate(fakes):
-            server, endpoint = _serve(fake)
-            servers.append(server)
-            workers.append(WorkerInfo(f"w{i}", endpoint))
-        upstreams = Upstreams(None, None, max_unread=max_unread)
-        upstreams.set_workers(workers)
-        args = argparse.Namespace(host="127.0.0.1", port=0, metrics_port=0)
-        service = Service("gateway", args, [SERVICE_NAME], grace_s=1.0, asynchronous=True)
-        inference_pb2_grpc.add_InferenceServicer_to_server(GatewayServicer(upstreams, max_streams=max_streams),
-                                                           service.server)
-        services.append(service)
-        client = Client(f"127.0.0.1:{service.start()}", timeout=10)
-        made.append((client, upstreams))
-        return client, upstreams
-
-    yield make
-    for client, upstreams in made:
-        client.close()
-        upstreams.close()
-    for service in services:
-        service.shutdown()
-    for server in servers:
-        server.stop(0)
-
-
 def _count(code: str) -> float:
     return REGISTRY.get_sample_value("moe_gateway_requests_total", {"code": code}) or 0.0
 
-
-def _wait_for(condition, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def test_generate_streams_through_with_request_id_and_deadline_kept(gateway):
@@ -321,7 +151,7 @@ def test_client_cancel_cancels_the_upstream_call(gateway):
     while upstreams.balancer.in_flight() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert upstreams.balancer.in_flight() == 0
-    assert _wait_for(lambda: _count("CANCELLED") == cancelled_before + 1)
+    assert wait_for(lambda: _count("CANCELLED") == cancelled_before + 1)
 
 
 def test_client_cancel_while_the_worker_is_silent_cancels_the_upstream_call(gateway):
@@ -332,7 +162,7 @@ def test_client_cancel_while_the_worker_is_silent_cancels_the_upstream_call(gate
     next(stream)
     stream.close()
     assert fake.cancelled.wait(5.0)
-    assert _wait_for(lambda: upstreams.balancer.in_flight() == 0)
+    assert wait_for(lambda: upstreams.balancer.in_flight() == 0)
     fake.gate.set()
 
 
@@ -372,7 +202,7 @@ def test_a_client_that_stops_reading_is_stopped_past_max_unread_and_keeps_what_w
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "read too slowly" in err.value.details() and "--max-unread 64" in err.value.details()
     assert 64 < len(ids) < 1_000_000 and ids == list(range(10, 10 + len(ids)))  # in order, none dropped
-    assert _wait_for(lambda: upstreams.balancer.in_flight() == 0)
+    assert wait_for(lambda: upstreams.balancer.in_flight() == 0)
     stream = client.stream(prompt_ids=[1], max_new_tokens=3)  # the session serves on
     assert next(stream).id == 10
     stream.close()
@@ -413,7 +243,7 @@ def test_worker_ending_its_session_fails_its_streams_and_the_next_request_opens_
         with pytest.raises(ClientError) as err:
             list(stream)
         assert err.value.code == "UNAVAILABLE" and message in err.value.message
-    assert _wait_for(lambda: upstreams.balancer.in_flight() == 0)
+    assert wait_for(lambda: upstreams.balancer.in_flight() == 0)
     assert _count("UNAVAILABLE") == before + 3
     fake.gate.set()
     assert client.generate(prompt_ids=[1], max_new_tokens=3).tokens == [10, 11, 12]
@@ -438,137 +268,3 @@ def test_a_worker_that_cannot_be_reached_is_retried_on_another(gateway):
         assert client.generate(prompt_ids=[1], max_new_tokens=2).tokens == [10, 11]
     assert fake.calls == 3 and fake.opens == 1
     assert (REGISTRY.get_sample_value("moe_gateway_retries_total") or 0.0) >= retries + 1
-
-
-# ---- client -----------------------------------------------------------------------------
-
-def _run_async(endpoint: str, body, timeout: float = 10.0):
-    """body(AsyncClient) run to completion on a fresh event loop, the client closed after."""
-    async def main():
-        async with AsyncClient(endpoint, timeout=timeout) as client:
-            return await body(client)
-    return asyncio.run(main())
-
-
-def test_async_client_runs_concurrent_streams_on_one_loop_each_with_its_own_tokens(gateway):
-    fake = FakeWorker(tokens=4, prompt_tokens=True)
-    client, _ = gateway(fake)
-
-    async def body(aclient):
-        return await asyncio.gather(*(aclient.generate(prompt_ids=[i + 1], max_new_tokens=4, request_id=f"r{i}")
-                                      for i in range(8)))
-
-    results = _run_async(client.endpoint, body)
-    for i, result in enumerate(results):
-        assert result.tokens == [(i + 1) * 100 + k for k in range(4)] and result.logprobs == [-1.0] * 4
-        assert result.finish_reason == "length" and result.request_id == f"r{i}"
-        assert result.usage["prompt_tokens"] == 1 and result.usage["time_to_first_token_ms"] > 0
-    assert fake.calls == 8
-
-
-def test_async_client_streams_tokens_then_the_result(gateway):
-    client, _ = gateway(FakeWorker(tokens=3))
-
-    async def body(aclient):
-        return [item async for item in aclient.stream(prompt_ids=[1, 2], max_new_tokens=3)]
-
-    items = _run_async(client.endpoint, body)
-    assert [(t.id, t.index) for t in items[:-1]] == [(10, 0), (11, 1), (12, 2)]
-    assert isinstance(items[-1], GenerationResult) and items[-1].tokens == [10, 11, 12]
-
-
-def test_async_client_leaving_a_stream_early_cancels_it_on_the_worker(gateway):
-    fake = FakeWorker(tokens=200, delay=0.02)
-    client, upstreams = gateway(fake)
-
-    async def body(aclient):
-        items = aclient.stream(prompt_ids=[1], max_new_tokens=200)
-        first = await items.__anext__()
-        await items.aclose()
-        # with the channel still open: closing the client would cancel the call by itself
-        return first, await asyncio.to_thread(fake.cancelled.wait, 5.0)
-
-    first, cancelled = _run_async(client.endpoint, body)
-    assert first.id == 10 and cancelled and fake.cancels == [1]
-    assert _wait_for(lambda: upstreams.balancer.in_flight() == 0)
-
-
-@pytest.mark.parametrize("worker, timeout, code, fragment", [
-    (dict(mode="invalid"), 10.0, "INVALID_ARGUMENT", "token 999 is outside the vocabulary"),
-    (dict(tokens=3, hold=True), 0.5, "DEADLINE_EXCEEDED", ""),
-])
-def test_async_client_failures_are_client_errors_with_the_servers_status(gateway, worker, timeout, code, fragment):
-    fake = FakeWorker(**worker)
-    client, _ = gateway(fake)
-
-    async def body(aclient):
-        with pytest.raises(ClientError) as err:
-            await aclient.generate(prompt_ids=[999], max_new_tokens=3)
-        return err.value
-
-    error = _run_async(client.endpoint, body, timeout=timeout)
-    fake.gate.set()
-    assert error.code == code and fragment in error.message
-
-
-def test_async_client_unreachable_endpoint_and_bad_values_are_client_errors():
-    async def body(aclient):
-        with pytest.raises(ClientError) as unreachable:
-            await aclient.generate(prompt_ids=[1], max_new_tokens=1)
-        with pytest.raises(ClientError) as bad:
-            await aclient.generate(prompt_ids=[1], max_new_tokens=0)
-        return unreachable.value, bad.value
-
-    unreachable, bad = _run_async("127.0.0.1:1", body, timeout=2)
-    assert unreachable.code == "UNAVAILABLE"
-    assert bad.code == "INVALID_ARGUMENT" and "max_new_tokens must be >= 1" in bad.message
-
-
-@pytest.mark.parametrize("kwargs, fragment", [
-    (dict(prompt_ids=[1], max_new_tokens=-3), "max_new_tokens must be >= 1, got -3"),
-    (dict(prompt_ids=[1], max_new_tokens=0), "max_new_tokens must be >= 1"),
-    (dict(prompt_ids=[-1], max_new_tokens=2), "prompt_ids must be in"),
-    (dict(prompt_ids=[1], max_new_tokens=2, seed=-5), "seed must be in"),
-    (dict(max_new_tokens=2), "exactly one of prompt_ids or text"),
-])
-def test_client_rejects_values_the_wire_cannot_carry(kwargs, fragment):
-    with pytest.raises(ClientError) as err:
-        build_request(**kwargs)
-    assert err.value.code == "INVALID_ARGUMENT" and fragment in err.value.message
-
-
-def test_unreachable_endpoint_is_a_client_error_not_a_grpc_exception():
-    with Client("127.0.0.1:1", timeout=2) as client, pytest.raises(ClientError) as err:
-        client.generate(prompt_ids=[1], max_new_tokens=1)
-    assert err.value.code == "UNAVAILABLE"
-
-
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["--max-new-tokens", "-2"], "--max-new-tokens must be >= 1, got -2"),
-        (["--timeout", "-1"], "--timeout must be > 0 seconds, got -1.0"),
-        (["--device", "cuda"], "--device applies to --model only; a cluster's workers choose their own"),
-        (["--dtype", "bfloat16"], "--dtype applies to --model only; a cluster's workers choose their own"),
-    ],
-)
-def test_generate_cli_reports_bad_input_in_one_line_and_exit_2(capsys, argv, message):
-    from services.cli import main
-
-    assert main(["generate", "--endpoint", "127.0.0.1:1", "--prompt-ids", "1,2", *argv]) == 2
-    assert capsys.readouterr().err.strip() == f"moe generate: {message}"
-
-
-def test_generate_cli_wants_a_port_rather_than_grpcs_default_443(capsys):
-    from services.cli import main
-
-    assert main(["generate", "--endpoint", "127.0.0.1", "--prompt-ids", "1"]) == 2
-    assert capsys.readouterr().err.strip() == "moe generate: --endpoint must be HOST:PORT, got '127.0.0.1'"
-
-
-def test_generate_cli_tells_an_outage_from_bad_input_by_exit_status(capsys):
-    from services.cli import main
-
-    assert main(["generate", "--endpoint", "127.0.0.1:1", "--prompt-ids", "1", "--timeout", "2"]) == 1
-    line = capsys.readouterr().err.strip()
-    assert line.startswith("moe generate: UNAVAILABLE: ") and "\n" not in line
