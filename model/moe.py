@@ -248,9 +248,8 @@ class ExpertBank(nn.Module):
         with the weight on the left and its rows as a transposed view: MKL streams a weight 1.2
         to 1.7x faster that way than through F.linear for 2 to 8 rows on one thread (F.linear
         packs the weight first; at 12 rows it wins), and a decode batch gives most experts that
-        few rows. A single
-        row gets a zero row beside it: MKL's one-column product streamed the weight ~1.5x slower
-        than a two-column one (AVX-512 host, 2026-12-06)."""
+        few rows. A single row gets a zero row beside it: MKL's one-column product streamed the
+        weight ~1.5x slower than a two-column one (AVX-512 host, 2026-12-06)."""
         ys = torch.empty_like(xs)
         inter, start = self.inter_dim, 0
         for slot, count in enumerate(counts):
