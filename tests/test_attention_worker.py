@@ -7,6 +7,8 @@ is 256)."""
 from __future__ import annotations
 
 import queue
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -16,7 +18,7 @@ import pytest
 
 from moe.v1 import inference_pb2, inference_pb2_grpc
 from services.client import build_request
-from services.launcher.cluster import LocalCluster
+from services.launcher.cluster import REPO_ROOT as ROOT, LocalCluster
 
 pytestmark = pytest.mark.cluster
 
@@ -298,3 +300,12 @@ def test_a_session_streams_deadline_ends_it_deadline_exceeded(worker):
     assert events[1][-1].error.code == "DEADLINE_EXCEEDED"
     assert len(tokens(events[1])) < 180
     assert kv_used_settles_to_zero(worker)
+
+
+@pytest.mark.parametrize("spec, fragment", [("40-50", "outside [0, 8)"), ("3-x", "'3-x' is not an id")])
+def test_bad_local_experts_are_refused_in_one_line_before_loading(v3_checkpoint, spec, fragment):
+    path, _ = v3_checkpoint
+    done = subprocess.run([sys.executable, "-m", "services.attention", "--model", str(path), "--local-experts", spec,
+                           "--redis-url", "redis://127.0.0.1:9/0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and fragment in done.stderr, done.stderr

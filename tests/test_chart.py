@@ -139,6 +139,16 @@ def test_gateway_gets_its_limit_on_unread_messages(render):
         assert env_of(gateway["spec"]["template"]["spec"]["containers"][0])["MOE_MAX_UNREAD"] == expected
 
 
+def test_attention_gets_its_local_experts_only_when_some_are_named(render):
+    def attention_env(*set_values: str) -> dict:
+        objs = render(GPU, set_values=set_values)
+        attention = [d for d in of_kind(objs, "Deployment") if "-attention-" in d["metadata"]["name"]]
+        return env_of(attention[0]["spec"]["template"]["spec"]["containers"][0])
+
+    assert "MOE_LOCAL_EXPERTS" not in attention_env()
+    assert attention_env("attention.localExperts=0-15")["MOE_LOCAL_EXPERTS"] == "0-15"
+
+
 def test_named_plane_overrides_the_spread(render):
     objs = render(GPU, set_values=("expertShards[0].plane=5", "attention.plane=3"))
     env = env_of(by_name(objs, "Deployment", "demo-moe-runtime-expert-e00")["spec"]["template"]["spec"]["containers"][0])

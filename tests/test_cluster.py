@@ -269,6 +269,43 @@ def test_the_default_transport_takes_ucx_where_a_shard_offers_it_and_grpc_elsewh
     assert sent.get("ucx", 0) > 0 and sent.get("grpc", 0) > 0, sent
 
 
+def test_a_worker_with_local_experts_computes_them_itself_with_the_same_tokens(v3_checkpoint, reference, tmp_path):
+    """`--local-experts` naming the first shard's experts: the worker computes them from its own
+    copy, that shard gets no token, the other shard serves the rest, the tokens and logprobs are
+    the in-process generator's, and the local experts' tokens reach the load statistics."""
+    path, _ = v3_checkpoint
+    cfg = ModelConfig.from_model_dir(path)
+    first, last = split_experts(cfg.n_routed_experts, 2)[0]
+    with LocalCluster(path, shards=2, replicas=1, attention_workers=1, transport="grpc", dispatch_dtype="fp32",
+                      run_dir=tmp_path, extra_args={"attention": ["--local-experts", f"{first}-{last}"]}) as running:
+        results = run_concurrently(Client(running.gateway_endpoint, timeout=120), greedy_jobs())
+        served = {name: sum(counter(running.processes[name].metrics_port, "moe_expert_tokens_total", "expert").values())
+                  for name in running.names("expert")}
+        worker_metrics = urllib.request.urlopen(
+            f"http://127.0.0.1:{running.processes['attention-0'].metrics_port}/metrics", timeout=5).read().decode()
+        local_tokens = sum(float(line.rsplit(" ", 1)[1]) for line in worker_metrics.splitlines()
+                           if line.startswith("moe_attention_local_expert_tokens_total "))
+        store, keys = redis_store.connect(running.redis_url), redis_store.Keys(running.cluster)
+
+        def local_load() -> int:  # over the last three load windows: the requests may span two
+            now = redis_store.window_start()
+            windows = [now - k * redis_store.LOAD_WINDOW_S for k in range(3)]
+            return sum(n for w in windows for (_, expert), n in redis_store.read_load(store, keys, w, cfg.moe_layers).items()
+                       if first <= expert <= last)
+
+        deadline = time.monotonic() + 10.0
+        while local_load() == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        recorded = local_load()
+    for result, (tokens, logprobs) in zip(results, reference):
+        assert not isinstance(result, Exception), result
+        assert result.tokens == tokens
+        assert max(abs(a - b) for a, b in zip(result.logprobs, logprobs)) <= 1e-4
+    assert served[f"shard-{first}-{last}.r0"] == 0 and local_tokens > 0, (served, local_tokens)
+    assert all(n > 0 for name, n in served.items() if name != f"shard-{first}-{last}.r0"), served
+    assert recorded > 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the cluster on a GPU)")
 def test_a_cluster_on_a_gpu_over_ucx_gives_the_in_process_tokens_there(v3_checkpoint, tmp_path):
     """Workers and shards on the GPU, expert traffic over UCX from GPU memory to GPU memory:

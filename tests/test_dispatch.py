@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch.torch_version import TorchVersion
 
-from services.attention.dispatch import DEAD_REPLICA_S, Dispatcher, LayerRoutes, PlanHolder, RemoteExperts
+from model.moe import ExpertBank
+from services.attention.dispatch import DEAD_REPLICA_S, Dispatcher, LayerRoutes, LocalExperts, PlanHolder, RemoteExperts
 from services.attention.worker import COMPILED_REMOTE_EXPERTS_TORCH
 from services.common.errors import Unavailable
 from services.common.plan import Plan, PlanReplica
@@ -186,3 +187,48 @@ def test_a_rehearsal_sends_nothing_and_combines_to_zeros():
     assert torch.equal(out, torch.zeros_like(x)) and not transport.replicas
     with pytest.raises(Unavailable, match="no routing plan"):
         d.dispatch(LAYER, x, ids, weights)
+
+
+def local_bank(experts: list[int]) -> ExpertBank:
+    bank = ExpertBank(experts, N_EXPERTS, dim=16, inter_dim=8)
+    with torch.no_grad():
+        torch.nn.init.normal_(bank.w13, generator=torch.Generator().manual_seed(1))
+        torch.nn.init.normal_(bank.w2, generator=torch.Generator().manual_seed(2))
+    return bank
+
+
+class Counts:
+    def __init__(self):
+        self.tokens: Counter = Counter()
+
+    def add(self, layer: int, counts: dict[int, int]) -> None:
+        self.tokens.update({(layer, e): n for e, n in counts.items()})
+
+
+@torch.no_grad()
+def test_local_experts_are_computed_in_process_never_sent_and_counted_as_load():
+    """A worker's own experts (--local-experts): their slots never reach a replica, combine adds
+    their bank's output to what the replicas answer, and their tokens go to the load statistics."""
+    d, transport = dispatcher(plan_of([["a"]] * N_EXPERTS))
+    bank, counts = local_bank([0, 1, 2]), Counts()
+    d.local = LocalExperts({LAYER: bank}, N_EXPERTS, counts)
+    x, ids, weights = routing()
+    out = d.combine(d.dispatch(LAYER, x, ids, weights))
+    local = ids <= 2
+    (batch,) = transport.replicas["a"].batches
+    assert not bool(((batch.expert_ids >= 0) & (batch.expert_ids <= 2)).any())
+    assert int((batch.expert_ids >= 0).sum()) == int((~local).sum())
+    want = (bank(x, ids.masked_fill(~local, -1), weights.masked_fill(~local, 0.0))
+            + expected(x, ids.masked_fill(local, -1), weights.masked_fill(local, 0.0)))
+    torch.testing.assert_close(out, want)
+    assert counts.tokens == Counter({(LAYER, int(e)): int((ids == e).sum()) for e in (0, 1, 2) if (ids == e).any()})
+
+
+@torch.no_grad()
+def test_a_layer_whose_experts_are_all_local_needs_no_replica_at_all():
+    d, transport = dispatcher(plan_of([[]] * N_EXPERTS))  # no live replica serves any expert
+    bank = local_bank(list(range(N_EXPERTS)))
+    d.local = LocalExperts({LAYER: bank}, N_EXPERTS)
+    x, ids, weights = routing()
+    torch.testing.assert_close(d.combine(d.dispatch(LAYER, x, ids, weights)), bank(x, ids, weights))
+    assert not transport.replicas

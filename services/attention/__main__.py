@@ -1,7 +1,8 @@
 """`python -m services.attention --model DIR`: an MLA attention worker.
 
 Holds embeddings, attention, dense layers, gates and shared experts; routed experts are served
-by expert shards found through the routing plan the router publishes in Redis.
+by expert shards found through the routing plan the router publishes in Redis, except those
+named by --local-experts, which the worker computes from its own copy of their weights.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from services.attention.worker import AttentionWorker, PlanWatcher
 from services.common import redis_store, settings
 from services.common.logging import configure_logging, event, get_logger
 from services.common.memory import keep_freed_memory
-from services.common.redis_store import Keys, ReplicaRecord
+from services.common.expert_ids import parse_expert_ids
+from services.common.redis_store import Keys, LoadRecorder, ReplicaRecord
 from services.common.server import Service
 from services.transport.base import DISPATCH_DTYPES, TRANSPORT_CHOICES, make_transport
 
@@ -50,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-streams", type=int, default=int(settings.env("MOE_MAX_STREAMS", "4096")),
                         help="requests served at once (Generate calls and session streams), queued ones "
                              "included; past it new ones end RESOURCE_EXHAUSTED [MOE_MAX_STREAMS, 4096]")
+    parser.add_argument("--local-experts", default=settings.env("MOE_LOCAL_EXPERTS", ""), metavar="IDS",
+                        help="routed experts this worker computes itself from its own copy of their weights, "
+                             "e.g. 0-15 or 0,4,8-11: their tokens never leave the process, and the worker "
+                             "computes them while the shards compute the rest (on a host of few cores, or "
+                             "for hot experts); the shards' replicas of them go unused by this worker "
+                             "[MOE_LOCAL_EXPERTS, none]")
     parser.add_argument("--dispatch-timeout", type=float, default=10.0, help="seconds to wait on one expert batch")
     parser.add_argument("--grace", type=float, default=10.0, help="shutdown grace period, seconds")
     return parser
@@ -62,20 +70,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_batch < 1 or args.kv_cache_tokens < 16 or args.max_streams < 1:
         print("attention: --max-batch and --max-streams must be >= 1 and --kv-cache-tokens >= 16", file=sys.stderr)
         return 2
+    client = redis_store.connect(args.redis_url, settings.redis_password())
+    keys = Keys(args.cluster)
+    recorder = LoadRecorder(client, keys)
     try:
-        dtype = args.dtype or ModelConfig.from_model_dir(args.model).torch_dtype
+        cfg = ModelConfig.from_model_dir(args.model)
+        local_experts = parse_expert_ids(args.local_experts, cfg.n_routed_experts) if args.local_experts else None
+        dtype = args.dtype or cfg.torch_dtype
         dispatch_dtype = args.dispatch_dtype or ("fp32" if dtype == "float32" else "bf16")
         transport = make_transport(args.transport, dispatch_dtype)
         worker = AttentionWorker(
             args.model, transport, plane=args.plane, dtype=args.dtype, device=args.device,
             cache_tokens=args.kv_cache_tokens, max_batch=args.max_batch, dispatch_timeout_s=args.dispatch_timeout,
-            compile_decode=args.compile_decode,
+            compile_decode=args.compile_decode, local_experts=local_experts, load_recorder=recorder,
         )
     except (ModelError, RuntimeError, ValueError) as err:
         print(f"attention: {err}", file=sys.stderr)
         return 2
-    client = redis_store.connect(args.redis_url, settings.redis_password())
-    keys = Keys(args.cluster)
     watcher = PlanWatcher(client, keys, worker.plans).start()
 
     replica_id = args.replica_id or settings.default_replica_id()
@@ -96,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     service.on_shutdown(registry.deregister)
     service.on_shutdown(lambda: worker.stop(args.grace))
     service.on_shutdown(watcher.stop)
+    if local_experts:  # the local experts' token counts, flushed to Redis like a shard's
+        recorder.start()
+        service.on_shutdown(recorder.stop)
     return service.wait()
 
 

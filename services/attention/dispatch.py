@@ -4,6 +4,10 @@
 layer's (token, expert) slots by the replica the routing plan names for each expert and sends
 one batch per replica; `combine` waits, sums the weighted partial outputs, and re-sends the
 work of a replica that failed to another replica of the same experts.
+
+A worker may also hold some experts itself (`LocalExperts`, `--local-experts`): their slots never
+leave the process, and `combine` computes them after the batches are sent, while the shards
+work on theirs, instead of sleeping through that time.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -29,6 +34,8 @@ from services.transport.base import ExpertBatch, ReplicaUnavailable, Transport
 
 log = get_logger("attention.dispatch")
 
+LOCAL_TOKENS = Counter("moe_attention_local_expert_tokens_total",
+                       "Token slots computed by the worker's own copy of its local experts (--local-experts)")
 COMBINE_WAIT = Histogram("moe_attention_combine_wait_seconds", "Time a MoE layer waits for its expert replies")
 PLANE_BYTES = Counter("moe_dispatch_plane_bytes_total",
                       "Hidden-state bytes dispatched (in the dispatch dtype), by whether they cross network planes",
@@ -56,6 +63,43 @@ class Pending:
     ids: np.ndarray  # [T, K] int64
     weights: np.ndarray  # [T, K] float32
     parts: list[_Part] = field(default_factory=list)
+    local: np.ndarray | None = None  # [T, K] bool: slots of the worker's local experts, once sent
+
+
+class LoadSink(Protocol):
+    """services.common.redis_store.LoadRecorder, or anything with its `add`."""
+
+    def add(self, layer: int, counts: dict[int, int]) -> None: ...
+
+
+class LocalExperts:
+    """Routed experts an attention worker serves from its own copy of their weights, on every
+    MoE layer: one `ExpertBank` per layer, all holding the same experts. Their tokens are counted
+    into the cluster's load statistics like a shard's, so placement and autoscaling see them."""
+
+    def __init__(self, banks: dict[int, nn.Module], n_routed_experts: int, recorder: LoadSink | None = None):
+        if not banks:
+            raise ValueError("local experts need at least one MoE layer")
+        self.banks = banks
+        self.expert_ids = np.array(next(iter(banks.values())).expert_ids)
+        self.n_routed_experts = n_routed_experts
+        self.recorder = recorder
+
+    def slots(self, ids: np.ndarray) -> np.ndarray:
+        """ids [T, K] -> [T, K] bool: the slots these experts serve."""
+        return np.isin(ids, self.expert_ids)
+
+    def compute(self, pending: Pending) -> torch.Tensor:
+        """The weighted sum of the local slots' expert outputs, [T, D] float32."""
+        ids = np.where(pending.local, pending.ids, -1)
+        weights = np.where(pending.local, pending.weights, np.float32(0.0))
+        device = pending.x.device
+        out = self.banks[pending.layer](pending.x, torch.from_numpy(ids).to(device), torch.from_numpy(weights).to(device))
+        counts = np.bincount(ids[pending.local], minlength=self.n_routed_experts)
+        LOCAL_TOKENS.inc(int(counts.sum()))
+        if self.recorder is not None:
+            self.recorder.add(pending.layer, {int(e): int(n) for e, n in enumerate(counts) if n})
+        return out.float()
 
 
 class PlanHolder:
@@ -114,9 +158,11 @@ class LayerRoutes:
 
 
 class Dispatcher:
-    def __init__(self, transport: Transport, plans: PlanHolder, timeout_s: float = 10.0, attempts: int = 3):
+    def __init__(self, transport: Transport, plans: PlanHolder, timeout_s: float = 10.0, attempts: int = 3,
+                 local: LocalExperts | None = None):
         self.transport = transport
         self.plans = plans
+        self.local = local
         self.timeout_s = timeout_s
         self.attempts = attempts
         self._clients: dict[str, object] = {}
@@ -176,6 +222,9 @@ class Dispatcher:
         owner = routes.owners(next(self._turn))[pending.ids]  # [T, K] index into routes.replicas
         if slots is not None:
             owner = np.where(slots, owner, -1)
+        elif self.local is not None:
+            pending.local = self.local.slots(pending.ids)
+            owner = np.where(pending.local, -1, owner)
         if routes.missing and (owner == LayerRoutes.MISSING).any():
             experts = np.unique(pending.ids[owner == LayerRoutes.MISSING]).tolist()
             raise Unavailable(f"no live replica serves {format_pairs([(pending.layer, e) for e in experts])}")
@@ -231,7 +280,10 @@ class Dispatcher:
             self._rehearsing = False
 
     def combine(self, pending: Pending) -> torch.Tensor:
-        out = torch.zeros(pending.x.shape, dtype=torch.float32, device=pending.x.device)
+        if pending.local is not None and pending.local.any():
+            out = self.local.compute(pending)  # while the shards compute theirs
+        else:
+            out = torch.zeros(pending.x.shape, dtype=torch.float32, device=pending.x.device)
         started = time.perf_counter()
         for attempt in range(self.attempts):
             parts, pending.parts = pending.parts, []

@@ -1,5 +1,5 @@
 """An attention worker: the non-expert weights, a latent KV-cache pool, continuous batching,
-and routed experts served by remote shards through the routing plan."""
+and routed experts served by remote shards through the routing plan (and any it holds itself)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ import redis
 import torch
 from torch.torch_version import TorchVersion
 
-from model.checkpoint import load_model
+from model.checkpoint import load_expert_banks, load_model
 from model.compiled_decode import CompiledDecoder
 from model.generate import Engine
 from model.moe import MoE
 from model.tokenizer import TextCodec
-from services.attention.dispatch import Dispatcher, PlanHolder, RemoteExperts
+from services.attention.dispatch import Dispatcher, LoadSink, LocalExperts, PlanHolder, RemoteExperts
 from services.attention.scheduler import Scheduler
+from services.common.expert_ids import format_expert_ids
 from services.common.logging import event, get_logger
 from services.common.plan import Plan
 from services.common.redis_store import Keys, read_plan
@@ -71,9 +72,12 @@ class PlanWatcher:
 
 class AttentionWorker:
     def __init__(self, model_dir: str, transport: Transport, *, plane: int, dtype: str | None, device: str,
-                 cache_tokens: int, max_batch: int, dispatch_timeout_s: float = 10.0, compile_decode: bool = False):
+                 cache_tokens: int, max_batch: int, dispatch_timeout_s: float = 10.0, compile_decode: bool = False,
+                 local_experts: list[int] | None = None, load_recorder: LoadSink | None = None):
         """compile_decode: CPU decode steps of up to 16 sequences run graphs compiled by
-        torch.compile, each compiled here before serving (see `CompiledDecoder`)."""
+        torch.compile, each compiled here before serving (see `CompiledDecoder`).
+        local_experts: routed experts this worker computes from its own copy of their weights
+        (`LocalExperts`), their tokens counted into `load_recorder`."""
         if compile_decode and TorchVersion(torch.__version__) < COMPILED_REMOTE_EXPERTS_TORCH:
             # 2.11's C++ wrapper crashed the process when a dispatch failed inside the graph
             raise ValueError(f"--compile-decode needs torch >= {COMPILED_REMOTE_EXPERTS_TORCH} (this is {torch.__version__})")
@@ -81,7 +85,16 @@ class AttentionWorker:
         self.cfg = self.model.cfg
         self.codec = TextCodec.for_model(model_dir)
         self.plans = PlanHolder(plane)
-        self.dispatcher = Dispatcher(transport, self.plans, timeout_s=dispatch_timeout_s)
+        local = None
+        if local_experts:
+            started = time.monotonic()
+            banks = load_expert_banks(model_dir, {layer: local_experts for layer in self.cfg.moe_layers},
+                                      dtype=dtype, device=device)
+            local = LocalExperts(banks, self.cfg.n_routed_experts, load_recorder)
+            event(log, "local experts loaded", experts=format_expert_ids(local_experts), layers=len(banks),
+                  bytes=sum(p.numel() * p.element_size() for bank in banks.values() for p in bank.parameters()),
+                  seconds=round(time.monotonic() - started, 2))
+        self.dispatcher = Dispatcher(transport, self.plans, timeout_s=dispatch_timeout_s, local=local)
         for block in self.model.layers:
             if isinstance(block.ffn, MoE):
                 block.ffn.experts = RemoteExperts(block.layer, self.dispatcher)
