@@ -20,7 +20,6 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -30,6 +29,7 @@ from torch import nn
 from services.common.errors import ServiceError, Unavailable
 from services.common.logging import event, get_logger
 from services.common.plan import Plan, PlanReplica, format_pairs
+from services.common.redis_store import LoadRecorder
 from services.transport.base import ExpertBatch, ReplicaUnavailable, Transport
 
 log = get_logger("attention.dispatch")
@@ -66,18 +66,12 @@ class Pending:
     local: np.ndarray | None = None  # [T, K] bool: slots of the worker's local experts, once sent
 
 
-class LoadSink(Protocol):
-    """services.common.redis_store.LoadRecorder, or anything with its `add`."""
-
-    def add(self, layer: int, counts: dict[int, int]) -> None: ...
-
-
 class LocalExperts:
     """Routed experts an attention worker serves from its own copy of their weights, on every
     MoE layer: one `ExpertBank` per layer, all holding the same experts. Their tokens are counted
     into the cluster's load statistics like a shard's, so placement and autoscaling see them."""
 
-    def __init__(self, banks: dict[int, nn.Module], n_routed_experts: int, recorder: LoadSink | None = None):
+    def __init__(self, banks: dict[int, nn.Module], n_routed_experts: int, recorder: LoadRecorder | None = None):
         if not banks:
             raise ValueError("local experts need at least one MoE layer")
         self.banks = banks

@@ -16,12 +16,12 @@ from model.compiled_decode import CompiledDecoder
 from model.generate import Engine
 from model.moe import MoE
 from model.tokenizer import TextCodec
-from services.attention.dispatch import Dispatcher, LoadSink, LocalExperts, PlanHolder, RemoteExperts
+from services.attention.dispatch import Dispatcher, LocalExperts, PlanHolder, RemoteExperts
 from services.attention.scheduler import Scheduler
 from services.common.expert_ids import format_expert_ids
 from services.common.logging import event, get_logger
 from services.common.plan import Plan
-from services.common.redis_store import Keys, read_plan
+from services.common.redis_store import Keys, LoadRecorder, read_plan
 from services.transport.base import Transport
 
 log = get_logger("attention.worker")
@@ -73,7 +73,7 @@ class PlanWatcher:
 class AttentionWorker:
     def __init__(self, model_dir: str, transport: Transport, *, plane: int, dtype: str | None, device: str,
                  cache_tokens: int, max_batch: int, dispatch_timeout_s: float = 10.0, compile_decode: bool = False,
-                 local_experts: list[int] | None = None, load_recorder: LoadSink | None = None):
+                 local_experts: list[int] | None = None, load_recorder: LoadRecorder | None = None):
         """compile_decode: CPU decode steps of up to 16 sequences run graphs compiled by
         torch.compile, each compiled here before serving (see `CompiledDecoder`).
         local_experts: routed experts this worker computes from its own copy of their weights
