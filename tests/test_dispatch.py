@@ -232,3 +232,22 @@ def test_a_layer_whose_experts_are_all_local_needs_no_replica_at_all():
     x, ids, weights = routing()
     torch.testing.assert_close(d.combine(d.dispatch(LAYER, x, ids, weights)), bank(x, ids, weights))
     assert not transport.replicas
+
+
+@pytest.mark.skipif(TorchVersion(torch.__version__) < COMPILED_REMOTE_EXPERTS_TORCH,
+                    reason=f"compiled remote experts need torch >= {COMPILED_REMOTE_EXPERTS_TORCH}")
+@torch.no_grad()
+def test_local_experts_inside_a_compiled_graph_add_their_output_to_the_replicas():
+    d, transport = dispatcher(plan_of([["a"]] * N_EXPERTS))
+    bank = local_bank([5, 6, 7])
+    d.local = LocalExperts({LAYER: bank}, N_EXPERTS)
+    experts = RemoteExperts(LAYER, d)
+    compiled = torch.compile(lambda x, ids, w: experts.combine(experts.dispatch(x, ids, w)),
+                             fullgraph=True, options={"cpp_wrapper": True})
+    x, ids, weights = routing()
+    local = ids >= 5
+    want = (bank(x, ids.masked_fill(~local, -1), weights.masked_fill(~local, 0.0))
+            + expected(x, ids.masked_fill(local, -1), weights.masked_fill(local, 0.0)))
+    torch.testing.assert_close(compiled(x, ids, weights), want)
+    (batch,) = transport.replicas["a"].batches
+    assert not bool((batch.expert_ids >= 5).any())
