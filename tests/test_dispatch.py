@@ -198,11 +198,14 @@ def local_bank(experts: list[int]) -> ExpertBank:
 
 
 class Counts:
+    """LoadRecorder's `add`, kept in memory: {expert: tokens}, or tokens indexed by expert id."""
+
     def __init__(self):
         self.tokens: Counter = Counter()
 
-    def add(self, layer: int, counts: dict[int, int]) -> None:
-        self.tokens.update({(layer, e): n for e, n in counts.items()})
+    def add(self, layer: int, counts) -> None:
+        items = counts.items() if isinstance(counts, dict) else enumerate(counts)
+        self.tokens.update({(layer, int(e)): int(n) for e, n in items if n})
 
 
 @torch.no_grad()

@@ -89,11 +89,15 @@ class LocalExperts:
         weights = np.where(pending.local, pending.weights, np.float32(0.0))
         device = pending.x.device
         out = self.banks[pending.layer](pending.x, torch.from_numpy(ids).to(device), torch.from_numpy(weights).to(device))
-        counts = np.bincount(ids[pending.local], minlength=self.n_routed_experts)
+        return out.float()
+
+    def record(self, pending: Pending) -> None:
+        """Count the local slots' tokens per expert (after the layer is combined, as a shard
+        records its load after answering)."""
+        counts = np.bincount(pending.ids[pending.local], minlength=self.n_routed_experts)
         LOCAL_TOKENS.inc(int(counts.sum()))
         if self.recorder is not None:
-            self.recorder.add(pending.layer, {int(e): int(n) for e, n in enumerate(counts) if n})
-        return out.float()
+            self.recorder.add(pending.layer, counts)
 
 
 class PlanHolder:
@@ -274,7 +278,8 @@ class Dispatcher:
             self._rehearsing = False
 
     def combine(self, pending: Pending) -> torch.Tensor:
-        if pending.local is not None and pending.local.any():
+        has_local = pending.local is not None and pending.local.any()
+        if has_local:
             out = self.local.compute(pending)  # while the shards compute theirs
         else:
             out = torch.zeros(pending.x.shape, dtype=torch.float32, device=pending.x.device)
@@ -305,6 +310,8 @@ class Dispatcher:
         waited = time.perf_counter() - started
         self.wait_seconds += waited
         COMBINE_WAIT.observe(waited)
+        if has_local:
+            self.local.record(pending)
         return out.to(pending.x.dtype)
 
     def park(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> int:
