@@ -14,10 +14,11 @@ in-process generator runs both eagerly and compiled (`Engine(compile_cpu=True)`)
 its own. With --attention-dtype bfloat16 the attention workers and the in-process generator run
 in bf16 (the shards keep the checkpoint's fp32: their thin expert GEMMs are slower in bf16 on
 CPU), and transformers runs in bf16 as well as in fp32. With --worker-local-experts IDS the
-attention workers compute those routed experts themselves (`--local-experts`).
+attention workers compute those routed experts themselves (`--local-experts`). With --pin-cpus
+each shard and worker runs on CPUs of its own (`moe up --pin-cpus`).
 
     python benchmarks/cluster_bench.py [--batches 1,16,64] [--steps 16] [--dispatch-dtype fp32]
-        [--compile-decode] [--attention-dtype float32|bfloat16] [--worker-local-experts 0-15]
+        [--compile-decode] [--attention-dtype float32|bfloat16] [--worker-local-experts 0-15] [--pin-cpus]
 """
 
 from __future__ import annotations
@@ -155,6 +156,8 @@ def main() -> int:
     parser.add_argument("--attention-workers", type=int, default=1)
     parser.add_argument("--compile-decode", action="store_true",
                         help="compiled decode steps in the attention workers, and an in-process compiled side")
+    parser.add_argument("--pin-cpus", action="store_true",
+                        help="each shard and attention worker on CPUs of its own, as `moe up --pin-cpus`")
     parser.add_argument("--worker-local-experts", metavar="IDS",
                         help="routed experts the attention workers compute themselves, e.g. 0-15 (--local-experts)")
     args = parser.parse_args()
@@ -172,14 +175,14 @@ def main() -> int:
         with LocalCluster(
             model_dir, shards=2, replicas=1, attention_workers=args.attention_workers, planes=1, transport=args.transport,
             dispatch_dtype=dispatch_dtype, run_dir=Path(tmp) / "run", compile_decode=args.compile_decode,
-            ready_timeout=600.0, extra_args={"attention": attention_args},
+            ready_timeout=600.0, extra_args={"attention": attention_args}, pin_cpus=args.pin_cpus,
         ) as cluster, ClusterClient(cluster.gateway_endpoint) as client:
             print(f"model: {sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M parameters, attention workers and "
                   f"in-process generator in {args.attention_dtype}, shards in float32; prompt {PROMPT_LEN}; "
                   f"cluster: {args.attention_workers} attention worker(s){' compiling decode' if args.compile_decode else ''}"
                   f"{' with local experts ' + args.worker_local_experts if args.worker_local_experts else ''}, "
                   f"2 expert shards, {'ucx' if cluster.serves_ucx else 'grpc'} dispatch in {dispatch_dtype}; "
-                  f"{cluster.torch_threads} torch thread(s) per process")
+                  f"{cluster.torch_threads} torch thread(s) per process{', pinned' if args.pin_cpus else ''}")
             peers = {"in-process": (time_ours, ours)}
             if args.compile_decode:
                 peers["in-process compiled"] = (functools.partial(time_ours, compile_cpu=True), ours)

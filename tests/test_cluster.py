@@ -3,6 +3,7 @@ separate processes on loopback) against transformers and the in-process generato
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -18,6 +19,7 @@ from model.generate import Engine, GenerationRequest, SamplingParams
 from moe.v1 import inference_pb2, inference_pb2_grpc
 from services.client import Client, ClientError
 from services.common import redis_store
+from services.common.cpus import available_cpus, deal_cpus
 from services.common.plan import Plan
 from services.launcher.cluster import LocalCluster
 from services.launcher.preflight import split_experts
@@ -269,15 +271,25 @@ def test_the_default_transport_takes_ucx_where_a_shard_offers_it_and_grpc_elsewh
     assert sent.get("ucx", 0) > 0 and sent.get("grpc", 0) > 0, sent
 
 
+def thread_cpus(pid: int) -> dict[int, list[int]]:
+    """The CPUs each thread of process `pid` may run on."""
+    return {int(tid): sorted(os.sched_getaffinity(int(tid))) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
 def test_a_worker_with_local_experts_computes_them_itself_with_the_same_tokens(v3_checkpoint, reference, tmp_path):
     """`--local-experts` naming the first shard's experts: the worker computes them from its own
     copy, that shard gets no token, the other shard serves the rest, the tokens and logprobs are
-    the in-process generator's, and the local experts' tokens reach the load statistics."""
+    the in-process generator's, and the local experts' tokens reach the load statistics. The
+    cluster is pinned (`pin_cpus`, the layout `cluster_bench.py --pin-cpus` measures): every
+    thread of each shard and of the worker runs on the CPUs dealt to it, shards first."""
     path, _ = v3_checkpoint
     cfg = ModelConfig.from_model_dir(path)
     first, last = split_experts(cfg.n_routed_experts, 2)[0]
     with LocalCluster(path, shards=2, replicas=1, attention_workers=1, transport="grpc", dispatch_dtype="fp32",
-                      run_dir=tmp_path, extra_args={"attention": ["--local-experts", f"{first}-{last}"]}) as running:
+                      run_dir=tmp_path, extra_args={"attention": ["--local-experts", f"{first}-{last}"]},
+                      pin_cpus=True) as running:
+        pinned = {name: thread_cpus(running.processes[name].current_pid())
+                  for name in running.names("expert") + running.names("attention")}
         results = run_concurrently(Client(running.gateway_endpoint, timeout=120), greedy_jobs())
         served = {name: sum(counter(running.processes[name].metrics_port, "moe_expert_tokens_total", "expert").values())
                   for name in running.names("expert")}
@@ -304,6 +316,9 @@ def test_a_worker_with_local_experts_computes_them_itself_with_the_same_tokens(v
     assert served[f"shard-{first}-{last}.r0"] == 0 and local_tokens > 0, (served, local_tokens)
     assert all(n > 0 for name, n in served.items() if name != f"shard-{first}-{last}.r0"), served
     assert recorded > 0
+    dealt = deal_cpus(available_cpus(), 3)
+    for name, cpus in zip(pinned, dealt):
+        assert all(allowed == cpus for allowed in pinned[name].values()), (name, cpus, pinned[name])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the cluster on a GPU)")

@@ -20,6 +20,7 @@ from services.attention.worker import AttentionWorker, PlanWatcher
 from services.common import redis_store, settings
 from services.common.logging import configure_logging, event, get_logger
 from services.common.memory import keep_freed_memory
+from services.common.cpus import parse_cpus, pin_process
 from services.common.expert_ids import parse_expert_ids
 from services.common.redis_store import Keys, LoadRecorder, ReplicaRecord
 from services.common.server import Service
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_model_arguments(parser, weights=True)
     settings.add_plane_argument(parser)
     settings.add_replica_id_argument(parser)
+    settings.add_cpus_argument(parser)
     parser.add_argument("--transport", choices=TRANSPORT_CHOICES, default=settings.env("MOE_TRANSPORT", "auto"),
                         help="expert data path: auto takes UCX to each replica that offers it where ucxx "
                              "works, gRPC to the rest [MOE_TRANSPORT, auto]")
@@ -70,6 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_batch < 1 or args.kv_cache_tokens < 16 or args.max_streams < 1:
         print("attention: --max-batch and --max-streams must be >= 1 and --kv-cache-tokens >= 16", file=sys.stderr)
         return 2
+    if args.cpus:
+        try:
+            pin_process(parse_cpus(args.cpus))
+        except ValueError as err:
+            print(f"attention: {err}", file=sys.stderr)
+            return 2
+        event(log, "pinned to CPUs", cpus=args.cpus)
     client = redis_store.connect(args.redis_url, settings.redis_password())
     keys = Keys(args.cluster)
     recorder = LoadRecorder(client, keys)

@@ -1,5 +1,6 @@
-"""The expert-list syntax shared by `--experts`, the Helm values and the autoscaler's targets:
-"0-7", "0,2,5" or "0-3,8-11". Pure Python, so services that load no model can use it."""
+"""The id-list syntax shared by `--experts`, `--local-experts`, `--cpus`, the Helm values and the
+autoscaler's targets: "0-7", "0,2,5" or "0-3,8-11". Pure Python, so services that load no model
+can use it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,16 @@ from typing import Iterable
 
 def parse_expert_ids(spec: str, n_routed_experts: int | None = None) -> list[int]:
     """"0-3,8-11" -> sorted unique ids; ValueError names the bad part (or the ids out of range)."""
+    ids = parse_id_list(spec, "expert")
+    if n_routed_experts is not None:
+        bad = [e for e in ids if not 0 <= e < n_routed_experts]
+        if bad:
+            raise ValueError(f"expert list '{spec}': ids {bad} outside [0, {n_routed_experts})")
+    return ids
+
+
+def parse_id_list(spec: str, noun: str) -> list[int]:
+    """"0-3,8-11" -> sorted unique ids; ValueError ("<noun> list '...': ...") names the bad part."""
     ids: set[int] = set()
     for part in (p.strip() for p in str(spec).split(",")):
         if not part:
@@ -21,13 +32,9 @@ def parse_expert_ids(spec: str, n_routed_experts: int | None = None) -> list[int
             else:
                 ids.add(int(part))
         except ValueError:
-            raise ValueError(f"expert list '{spec}': '{part}' is not an id or an a-b range") from None
+            raise ValueError(f"{noun} list '{spec}': '{part}' is not an id or an a-b range") from None
     if not ids:
-        raise ValueError(f"expert list '{spec}' names no expert")
-    if n_routed_experts is not None:
-        bad = sorted(e for e in ids if not 0 <= e < n_routed_experts)
-        if bad:
-            raise ValueError(f"expert list '{spec}': ids {bad} outside [0, {n_routed_experts})")
+        raise ValueError(f"{noun} list '{spec}' names no {noun}")
     return sorted(ids)
 
 

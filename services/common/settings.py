@@ -92,6 +92,14 @@ def add_replica_id_argument(parser: argparse.ArgumentParser) -> None:
                         help="registry id [MOE_REPLICA_ID, <hostname>-<pid>]")
 
 
+def add_cpus_argument(parser: argparse.ArgumentParser) -> None:
+    """--cpus (attention, expert): the CPUs this process and its threads run on."""
+    parser.add_argument("--cpus", default=env("MOE_CPUS"), metavar="IDS",
+                        help="pin the process to these CPUs, e.g. 0 or 2-3 (`moe up --pin-cpus` gives each model "
+                             "process its own); torch threads follow their count unless OMP_NUM_THREADS is set "
+                             "[MOE_CPUS, unpinned]")
+
+
 def default_replica_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 

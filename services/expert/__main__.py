@@ -13,6 +13,7 @@ import sys
 import time
 
 from moe.v1 import expert_pb2_grpc
+from services.common.cpus import parse_cpus, pin_process
 from services.common.errors import ServiceError
 from services.common.logging import configure_logging, event, get_logger
 from services.common.memory import keep_freed_memory
@@ -22,6 +23,7 @@ from services.common.settings import (
     DEFAULT_PORTS,
     DEFAULT_UCX_PORT,
     add_common_arguments,
+    add_cpus_argument,
     add_model_arguments,
     add_plane_argument,
     add_replica_id_argument,
@@ -46,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plane_argument(parser)
     add_model_arguments(parser, weights=True)
     add_replica_id_argument(parser)
+    add_cpus_argument(parser)
     experts = env("MOE_EXPERTS")
     parser.add_argument("--experts", default=experts, required=experts is None,
                         help="logical expert ids held on every MoE layer: 0-7, 0,2,5 or 0-3,8-11 [MOE_EXPERTS]")
@@ -82,8 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = ModelConfig.from_model_dir(args.model)
         experts = parse_expert_ids(args.experts, cfg.n_routed_experts)
+        cpus = parse_cpus(args.cpus) if args.cpus else None
     except (ValueError, OSError) as err:  # ModelError is a ValueError
         raise SystemExit(f"expert: {err}") from None
+    if cpus:
+        pin_process(cpus)
+        event(log, "pinned to CPUs", cpus=args.cpus)
     replica_id = args.replica_id or default_replica_id()
     shard_name = args.shard or f"shard-{experts[0]}-{experts[-1]}"
     event(log, "loading experts", shard=shard_name, experts=format_expert_ids(experts), model=args.model,

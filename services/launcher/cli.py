@@ -38,6 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every process [300]")
         parser.add_argument("--compile-decode", action="store_true",
                             help="CPU: attention workers compile decode steps before serving (minutes; faster steps)")
+        parser.add_argument("--pin-cpus", action="store_true",
+                            help="run each shard replica and attention worker on CPUs of its own (--cpus), shard "
+                                 "replicas first; with fewer CPUs than those, the first shard shares the first "
+                                 "worker's")
         parser.add_argument("--detach", action="store_true", help="return once ready; stop later with `moe down`")
     elif command == "down":
         parser.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help=f"where `moe up` wrote cluster.json [{DEFAULT_RUN_DIR}]")
@@ -76,7 +80,8 @@ def _up(args: argparse.Namespace) -> int:
                                attention_workers=args.attention_workers, planes=args.planes,
                                transport=args.transport, dispatch_dtype=args.dispatch_dtype, dtype=args.dtype,
                                run_dir=run_dir, gateway_port=args.port, device=args.device, cluster=args.cluster,
-                               ready_timeout=args.timeout, progress=_say, compile_decode=args.compile_decode)
+                               ready_timeout=args.timeout, progress=_say, compile_decode=args.compile_decode,
+                               pin_cpus=args.pin_cpus)
     except ClusterError as err:
         raise CliError(str(err)) from None
     try:

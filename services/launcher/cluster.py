@@ -33,6 +33,8 @@ from typing import Callable
 
 import grpc
 
+from services.common.cpus import available_cpus, deal_cpus
+from services.common.expert_ids import format_expert_ids
 from services.common.ports import free_ports
 from services.launcher.preflight import (
     ClusterError,
@@ -85,9 +87,12 @@ class LocalCluster:
                  extra_args: dict[str, list[str]] | None = None, cluster: str | None = None,
                  log_level: str = "info", ready_timeout: float = DEFAULT_READY_TIMEOUT_S,
                  stop_timeout: float = DEFAULT_STOP_TIMEOUT_S, progress: Callable[[str], None] | None = None,
-                 gpus: list[str] | None = None, compile_decode: bool = False) -> None:
+                 gpus: list[str] | None = None, compile_decode: bool = False, pin_cpus: bool = False) -> None:
         """extra_args: more flags per process name or per kind (appended last, so they win).
         compile_decode: attention workers compile their CPU decode steps before serving.
+        pin_cpus: each shard replica and attention worker runs on CPUs of its own (`--cpus`), dealt
+        out of the launcher's in start order, shard replicas first (`deal_cpus`): on a host with
+        fewer CPUs than model processes, the first shard shares its CPU with the first worker.
         transport: "grpc" (this API's default, which tests rely on), "ucx", or "auto" (`moe up`'s
         default: shards listen on UCX where ucxx is installed, and workers use it where offered).
         gpus: with device "cuda", the GPU ids the shard replicas and attention workers are spread
@@ -111,6 +116,7 @@ class LocalCluster:
         self.gpus = (visible_gpus() if gpus is None else list(gpus)) if device == "cuda" else []
         self.gateway_port = gateway_port
         self.compile_decode = compile_decode
+        self.pin_cpus = pin_cpus
         self.processes: dict[str, ManagedProcess] = {}
         self.detached = False
         self._started = False
@@ -118,7 +124,7 @@ class LocalCluster:
         self._build()
 
     def _build(self) -> None:
-        n_services = 3 + self.shards * self.replicas + self.attention_workers
+        n_services = 3 + self.model_processes
         ports = free_ports(2 * n_services + self.shards * self.replicas)
         take = iter(ports).__next__
         logs = self.run_dir / "logs"
@@ -134,6 +140,11 @@ class LocalCluster:
             return out + (["--dtype", self.dtype] if self.dtype else [])
 
         placed = itertools.count()  # model processes given a GPU so far
+        dealt = iter(deal_cpus(available_cpus(), self.model_processes)) if self.pin_cpus else None
+
+        def cpus() -> list[str]:
+            """The next model process's `--cpus`, when pinning."""
+            return ["--cpus", format_expert_ids(next(dealt))] if dealt else []
 
         def on_gpu(label: str) -> tuple[str, dict[str, str]]:
             """The next model process's GPU (round robin), as a label suffix and its environment."""
@@ -158,7 +169,7 @@ class LocalCluster:
                 plane = expert_plane(i, r, self.planes)
                 cmd = py + ["services.expert"] + weights() + common(name, port, metrics) + [
                     "--experts", f"{first}-{last}", "--shard", shard, "--replica-id", name,
-                    "--plane", str(plane), "--ucx-port", str(ucx)]
+                    "--plane", str(plane), "--ucx-port", str(ucx)] + cpus()
                 label, env = on_gpu(f"expert {shard} replica {r + 1}/{self.replicas}")
                 self._add(ManagedProcess(name, "expert", label, cmd, port, logs / f"{name}.log", metrics,
                                          replica_id=name, plane=plane, shard=shard, experts=f"{first}-{last}",
@@ -168,7 +179,7 @@ class LocalCluster:
             port, metrics = take(), take()
             plane = w % self.planes
             cmd = py + ["services.attention"] + weights() + common(name, port, metrics) + [
-                "--replica-id", name, "--plane", str(plane), "--transport", self.transport]
+                "--replica-id", name, "--plane", str(plane), "--transport", self.transport] + cpus()
             if self.dispatch_dtype:
                 cmd += ["--dispatch-dtype", self.dispatch_dtype]
             if self.compile_decode:
@@ -205,10 +216,15 @@ class LocalCluster:
         return self.transport == "ucx" or (self.transport == "auto" and importlib.util.find_spec("ucxx") is not None)
 
     @property
+    def model_processes(self) -> int:
+        """Shard replicas and attention workers: the processes that compute."""
+        return self.shards * self.replicas + self.attention_workers
+
+    @property
     def torch_threads(self) -> int:
-        """Torch threads per model process unless OMP_NUM_THREADS says otherwise: the cores shared
-        among the shard replicas and attention workers."""
-        return max(1, (os.cpu_count() or 1) // (self.shards * self.replicas + self.attention_workers))
+        """Torch threads per model process unless OMP_NUM_THREADS says otherwise: the launcher's
+        CPUs shared among the shard replicas and attention workers."""
+        return max(1, len(available_cpus()) // self.model_processes)
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
