@@ -26,7 +26,7 @@ from services.autoscaler.policy import (
     parse_targets,
     shard_loads,
 )
-from services.common.expert_ids import format_expert_ids as format_ids
+from services.common.expert_ids import format_id_list as format_ids
 from services.common.expert_ids import parse_expert_ids
 from services.common.ports import free_port
 from services.common.redis_server import RedisServer

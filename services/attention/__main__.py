@@ -18,9 +18,9 @@ from moe.v1 import inference_pb2, inference_pb2_grpc
 from services.attention.servicer import InferenceServicer, InferenceSessionServicer, StreamHub
 from services.attention.worker import AttentionWorker, PlanWatcher
 from services.common import redis_store, settings
+from services.common.cpus import parse_cpus, pin_process
 from services.common.logging import configure_logging, event, get_logger
 from services.common.memory import keep_freed_memory
-from services.common.cpus import parse_cpus, pin_process
 from services.common.expert_ids import parse_expert_ids
 from services.common.redis_store import Keys, LoadRecorder, ReplicaRecord
 from services.common.server import Service

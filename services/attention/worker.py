@@ -18,7 +18,7 @@ from model.moe import MoE
 from model.tokenizer import TextCodec
 from services.attention.dispatch import Dispatcher, LocalExperts, PlanHolder, RemoteExperts
 from services.attention.scheduler import Scheduler
-from services.common.expert_ids import format_expert_ids
+from services.common.expert_ids import format_id_list
 from services.common.logging import event, get_logger
 from services.common.plan import Plan
 from services.common.redis_store import Keys, LoadRecorder, read_plan
@@ -91,7 +91,7 @@ class AttentionWorker:
             banks = load_expert_banks(model_dir, {layer: local_experts for layer in self.cfg.moe_layers},
                                       dtype=dtype, device=device)
             local = LocalExperts(banks, self.cfg.n_routed_experts, load_recorder)
-            event(log, "local experts loaded", experts=format_expert_ids(local_experts), layers=len(banks),
+            event(log, "local experts loaded", experts=format_id_list(local_experts), layers=len(banks),
                   bytes=sum(p.numel() * p.element_size() for bank in banks.values() for p in bank.parameters()),
                   seconds=round(time.monotonic() - started, 2))
         self.dispatcher = Dispatcher(transport, self.plans, timeout_s=dispatch_timeout_s, local=local)

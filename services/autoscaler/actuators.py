@@ -27,7 +27,7 @@ from typing import Sequence
 from prometheus_client import Counter
 
 from services.autoscaler.policy import ShardSpec
-from services.common.expert_ids import format_expert_ids
+from services.common.expert_ids import format_id_list
 from services.common.logging import event, get_logger
 from services.common.redis_store import ReplicaRecord
 
@@ -199,7 +199,7 @@ class LocalActuator:
 
     def argv(self, spec: ShardSpec, replica_id: str) -> list[str]:
         base = list(self.command) if self.command else [sys.executable, "-m", "services.expert"]
-        return [*base, "--model", str(self.model), "--experts", format_expert_ids(spec.experts), "--shard", spec.name,
+        return [*base, "--model", str(self.model), "--experts", format_id_list(spec.experts), "--shard", spec.name,
                 "--replica-id", replica_id, "--port", "0", "--metrics-port", "0", "--host", self.host,
                 "--redis-url", self.redis_url, "--cluster", self.cluster, "--plane", "0", *self.extra_args]
 

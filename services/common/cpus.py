@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from services.common.expert_ids import format_expert_ids, parse_id_list
+from services.common.expert_ids import format_id_list, parse_id_list
 
 
 def available_cpus() -> list[int]:
@@ -27,8 +27,8 @@ def parse_cpus(spec: str) -> list[int]:
     allowed = set(available_cpus())
     outside = [c for c in cpus if c not in allowed]
     if outside:
-        raise ValueError(f"CPU list '{spec}': CPUs {format_expert_ids(outside)} are not available to this process "
-                         f"(available: {format_expert_ids(allowed)})")
+        raise ValueError(f"CPU list '{spec}': CPUs {format_id_list(outside)} are not available to this process "
+                         f"(available: {format_id_list(allowed)})")
     return cpus
 
 

@@ -38,8 +38,8 @@ def parse_id_list(spec: str, noun: str) -> list[int]:
     return sorted(ids)
 
 
-def format_expert_ids(ids: Iterable[int]) -> str:
-    """(0, 1, 2, 3, 8) -> "0-3,8": the inverse of parse_expert_ids."""
+def format_id_list(ids: Iterable[int]) -> str:
+    """(0, 1, 2, 3, 8) -> "0-3,8": the inverse of parse_id_list."""
     ids = sorted(ids)
     out, i = [], 0
     while i < len(ids):

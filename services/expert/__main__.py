@@ -33,7 +33,7 @@ from services.common.settings import (
     redis_password,
 )
 from services.expert.servicer import SERVICE_NAME, ExpertShardServicer
-from services.common.expert_ids import format_expert_ids, parse_expert_ids
+from services.common.expert_ids import format_id_list, parse_expert_ids
 from services.expert.shard import DEFAULT_CAPACITY_TOKENS, ExpertShard
 from services.transport.ucx_runtime import UcxUnavailable
 
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         event(log, "pinned to CPUs", cpus=args.cpus)
     replica_id = args.replica_id or default_replica_id()
     shard_name = args.shard or f"shard-{experts[0]}-{experts[-1]}"
-    event(log, "loading experts", shard=shard_name, experts=format_expert_ids(experts), model=args.model,
+    event(log, "loading experts", shard=shard_name, experts=format_id_list(experts), model=args.model,
           layers=len(cfg.moe_layers), device=args.device, dtype=args.dtype or cfg.torch_dtype)
 
     client = connect(args.redis_url, redis_password())
@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         shard = ExpertShard.load(args.model, experts, dtype=args.dtype, device=args.device, recorder=recorder,
                                  capacity_tokens=args.capacity_tokens, progress=progress)
     except (ValueError, OSError) as err:
-        raise SystemExit(f"expert: cannot load experts {format_expert_ids(experts)} from {args.model}: {err}") from None
-    event(log, "experts loaded", experts=format_expert_ids(experts), layers=len(shard.layers),
+        raise SystemExit(f"expert: cannot load experts {format_id_list(experts)} from {args.model}: {err}") from None
+    event(log, "experts loaded", experts=format_id_list(experts), layers=len(shard.layers),
           bytes=shard.weight_bytes, seconds=round(time.monotonic() - started, 2))
     shard.start()
     recorder.start()

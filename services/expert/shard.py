@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from prometheus_client import Counter, Histogram
 
-from services.common.expert_ids import format_expert_ids
+from services.common.expert_ids import format_id_list
 from services.common.errors import InvalidArgument, Unavailable
 from services.common.logging import event, get_logger
 from services.transport.base import ExpertBatch
@@ -186,7 +186,7 @@ class ExpertShard:
         layer = batch.layer
         if layer not in self.banks:
             raise InvalidArgument(f"layer {layer} is not a MoE layer held by this shard "
-                                  f"(layers held: {format_expert_ids(self.layers)})")
+                                  f"(layers held: {format_id_list(self.layers)})")
         hidden, ids, weights, scales = batch.hidden, batch.expert_ids, batch.weights, batch.hidden_scales
         if hidden.dtype not in HIDDEN_DTYPES:
             raise InvalidArgument(f"hidden: dtype {_name(hidden.dtype)} is not accepted "
@@ -239,7 +239,7 @@ class ExpertShard:
         if not held.all():
             bad = np.unique(ids[~held])[:8].tolist()
             raise InvalidArgument(f"expert_ids: experts {bad} are not held by this shard "
-                                  f"(holds {format_expert_ids(self.expert_ids)}; -1 marks a slot for another replica)")
+                                  f"(holds {format_id_list(self.expert_ids)}; -1 marks a slot for another replica)")
         if not np.isfinite(weights).all():
             raise InvalidArgument("weights: NaN or Inf among the routing weights")
 

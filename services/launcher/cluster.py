@@ -34,7 +34,7 @@ from typing import Callable
 import grpc
 
 from services.common.cpus import available_cpus, deal_cpus
-from services.common.expert_ids import format_expert_ids
+from services.common.expert_ids import format_id_list
 from services.common.ports import free_ports
 from services.launcher.preflight import (
     ClusterError,
@@ -144,7 +144,7 @@ class LocalCluster:
 
         def cpus() -> list[str]:
             """The next model process's `--cpus`, when pinning."""
-            return ["--cpus", format_expert_ids(next(dealt))] if dealt else []
+            return ["--cpus", format_id_list(next(dealt))] if dealt else []
 
         def on_gpu(label: str) -> tuple[str, dict[str, str]]:
             """The next model process's GPU (round robin), as a label suffix and its environment."""
