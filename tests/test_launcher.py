@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from services.client import Client
+from services.common.cpus import available_cpus, deal_cpus
 from services.launcher.cluster import ClusterError, LocalCluster, expert_plane, visible_gpus
 from services.launcher.preflight import check_device, split_experts
 from services.launcher.processes import cluster_pids, pid_alive
@@ -87,11 +88,14 @@ def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
 
 
 def test_up_detach_status_down_leaves_no_process(v3_checkpoint, tmp_path):
+    """`moe up --detach --pin-cpus`, `moe status`, `moe down`: the shards and the worker run on
+    the CPUs dealt to them (shards first), the other processes where the launcher may."""
     model_dir, _ = v3_checkpoint
     run_dir = tmp_path / "run"
     cluster = f"t-{secrets.token_hex(4)}"
     up = moe("up", "--model", str(model_dir), "--shards", "2", "--replicas", "1", "--attention-workers", "1",
-             "--port", "0", "--run-dir", str(run_dir), "--cluster", cluster, "--detach", "--timeout", "180")
+             "--port", "0", "--run-dir", str(run_dir), "--cluster", cluster, "--detach", "--timeout", "180",
+             "--pin-cpus")
     state_path = run_dir / "cluster.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else None
     try:
@@ -101,6 +105,9 @@ def test_up_detach_status_down_leaves_no_process(v3_checkpoint, tmp_path):
         pids = {name: p["pid"] for name, p in state["processes"].items()}
         assert set(pids) == {"redis", "router", "shard-0-3.r0", "shard-4-7.r0", "attention-0", "gateway"}
         assert all(pid_alive(pid) for pid in pids.values())
+        dealt = dict(zip(["shard-0-3.r0", "shard-4-7.r0", "attention-0"], deal_cpus(available_cpus(), 3)))
+        assert {name: sorted(os.sched_getaffinity(pid)) for name, pid in pids.items()} == {
+            name: dealt.get(name, available_cpus()) for name in pids}
 
         status = moe("status", "--run-dir", str(run_dir), "--json", timeout=30)
         assert status.returncode == 0, status.stderr
