@@ -39,9 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--compile-decode", action="store_true",
                             help="CPU: attention workers compile decode steps before serving (minutes; faster steps)")
         parser.add_argument("--pin-cpus", action="store_true",
-                            help="run each shard replica and attention worker on CPUs of its own (--cpus), shard "
-                                 "replicas first; with fewer CPUs than those, the first shard shares the first "
-                                 "worker's")
+                            help="run each shard replica and attention worker on CPUs of its own (--cpus), dealt "
+                                 "shard replicas first; with fewer CPUs than those, one each in turn (2 CPUs, 2 "
+                                 "shards, 1 worker: the worker shares the first shard's CPU)")
         parser.add_argument("--detach", action="store_true", help="return once ready; stop later with `moe down`")
     elif command == "down":
         parser.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help=f"where `moe up` wrote cluster.json [{DEFAULT_RUN_DIR}]")

@@ -92,7 +92,8 @@ class LocalCluster:
         compile_decode: attention workers compile their CPU decode steps before serving.
         pin_cpus: each shard replica and attention worker runs on CPUs of its own (`--cpus`), dealt
         out of the launcher's in start order, shard replicas first (`deal_cpus`): on a host with
-        fewer CPUs than model processes, the first shard shares its CPU with the first worker.
+        fewer CPUs than model processes, one each in turn (2 CPUs, 2 shards and a worker: the
+        worker shares the first shard's).
         transport: "grpc" (this API's default, which tests rely on), "ucx", or "auto" (`moe up`'s
         default: shards listen on UCX where ucxx is installed, and workers use it where offered).
         gpus: with device "cuda", the GPU ids the shard replicas and attention workers are spread
