@@ -3,9 +3,9 @@ processes of a local cluster (`moe up --pin-cpus`).
 
 An attention worker and an expert shard hand each layer back and forth several hundred times a
 second, and the kernel's scheduler moves them between cores as it wakes them (hundreds of
-migrations per benchmark run here). On a 2-core host, with the worker computing half the experts itself,
-pinning kept a batch-16 step at 14.1 to 20.6 ms where unpinned runs took 15 to 32
-(docs/performance.md, "Pinned processes"). In Kubernetes the kubelet's static CPU manager gives
+migrations per benchmark run here). On a 2-core host, with the worker computing half the
+experts itself, pinning kept a batch-16 step at 14.1 to 20.6 ms where unpinned runs took 15 to
+32 (docs/performance.md, "Pinned processes"). In Kubernetes the kubelet's static CPU manager gives
 Guaranteed pods exclusive cores instead; `--cpus` is for hosts without one.
 """
 
