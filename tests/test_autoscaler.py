@@ -26,7 +26,7 @@ from services.autoscaler.policy import (
     parse_targets,
     shard_loads,
 )
-from services.common.expert_ids import format_id_list as format_ids
+from services.common.expert_ids import format_id_list
 from services.common.expert_ids import parse_expert_ids
 from services.common.ports import free_port
 from services.common.redis_server import RedisServer
@@ -148,7 +148,7 @@ def test_targets_json_is_parsed_and_validated():
     ]))
     assert specs[0] == ShardSpec("shard-0", (0, 1, 2, 3, 8), 1, 4, "moe-expert-shard-0")
     assert specs[1] == ShardSpec("shard-1", (4, 9), 1, 1, "")
-    assert tuple(parse_expert_ids("0-3,8-9")) == (0, 1, 2, 3, 8, 9) and format_ids((0, 1, 2, 3, 8, 9)) == "0-3,8-9"
+    assert tuple(parse_expert_ids("0-3,8-9")) == (0, 1, 2, 3, 8, 9) and format_id_list((0, 1, 2, 3, 8, 9)) == "0-3,8-9"
     bad = {
         "not json": "[{",
         "empty": "[]",

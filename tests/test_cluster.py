@@ -272,8 +272,14 @@ def test_the_default_transport_takes_ucx_where_a_shard_offers_it_and_grpc_elsewh
 
 
 def thread_cpus(pid: int) -> dict[int, list[int]]:
-    """The CPUs each thread of process `pid` may run on."""
-    return {int(tid): sorted(os.sched_getaffinity(int(tid))) for tid in os.listdir(f"/proc/{pid}/task")}
+    """The CPUs each thread of process `pid` may run on (threads that end meanwhile left out)."""
+    cpus = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            cpus[int(tid)] = sorted(os.sched_getaffinity(int(tid)))
+        except ProcessLookupError:
+            continue
+    return cpus
 
 
 def test_a_worker_with_local_experts_computes_them_itself_with_the_same_tokens(v3_checkpoint, reference, tmp_path):
@@ -288,9 +294,10 @@ def test_a_worker_with_local_experts_computes_them_itself_with_the_same_tokens(v
     with LocalCluster(path, shards=2, replicas=1, attention_workers=1, transport="grpc", dispatch_dtype="fp32",
                       run_dir=tmp_path, extra_args={"attention": ["--local-experts", f"{first}-{last}"]},
                       pin_cpus=True) as running:
+        results = run_concurrently(Client(running.gateway_endpoint, timeout=120), greedy_jobs())
+        # after serving: the threads started for requests (gRPC, UCX, torch) are pinned too
         pinned = {name: thread_cpus(running.processes[name].current_pid())
                   for name in running.names("expert") + running.names("attention")}
-        results = run_concurrently(Client(running.gateway_endpoint, timeout=120), greedy_jobs())
         served = {name: sum(counter(running.processes[name].metrics_port, "moe_expert_tokens_total", "expert").values())
                   for name in running.names("expert")}
         worker_metrics = urllib.request.urlopen(

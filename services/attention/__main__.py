@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpus:
         try:
             pin_process(parse_cpus(args.cpus))
-        except ValueError as err:
+        except (ValueError, OSError) as err:
             print(f"attention: {err}", file=sys.stderr)
             return 2
         event(log, "pinned to CPUs", cpus=args.cpus)

@@ -40,7 +40,6 @@ def pin_process(cpus: list[int]) -> None:
             os.sched_setaffinity(int(task), cpus)
         except ProcessLookupError:  # a thread that ended since the listing
             continue
-    os.sched_setaffinity(0, cpus)
     if not os.environ.get("OMP_NUM_THREADS"):
         import torch
 

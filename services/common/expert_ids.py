@@ -17,6 +17,9 @@ def parse_expert_ids(spec: str, n_routed_experts: int | None = None) -> list[int
     return ids
 
 
+MAX_RANGE = 1 << 16  # ids one a-b range may name: more experts or CPUs than any host has
+
+
 def parse_id_list(spec: str, noun: str) -> list[int]:
     """"0-3,8-11" -> sorted unique ids; ValueError ("<noun> list '...': ...") names the bad part."""
     ids: set[int] = set()
@@ -24,15 +27,14 @@ def parse_id_list(spec: str, noun: str) -> list[int]:
         if not part:
             continue
         try:
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                if lo > hi:
-                    raise ValueError
-                ids.update(range(lo, hi + 1))
-            else:
-                ids.add(int(part))
+            lo, hi = (int(x) for x in part.split("-", 1)) if "-" in part else (int(part),) * 2
+            if lo > hi:
+                raise ValueError
         except ValueError:
             raise ValueError(f"{noun} list '{spec}': '{part}' is not an id or an a-b range") from None
+        if hi - lo >= MAX_RANGE:
+            raise ValueError(f"{noun} list '{spec}': range '{part}' names over {MAX_RANGE} ids")
+        ids.update(range(lo, hi + 1))
     if not ids:
         raise ValueError(f"{noun} list '{spec}' names no {noun}")
     return sorted(ids)

@@ -85,12 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = ModelConfig.from_model_dir(args.model)
         experts = parse_expert_ids(args.experts, cfg.n_routed_experts)
-        cpus = parse_cpus(args.cpus) if args.cpus else None
+        if args.cpus:
+            pin_process(parse_cpus(args.cpus))
+            event(log, "pinned to CPUs", cpus=args.cpus)
     except (ValueError, OSError) as err:  # ModelError is a ValueError
-        raise SystemExit(f"expert: {err}") from None
-    if cpus:
-        pin_process(cpus)
-        event(log, "pinned to CPUs", cpus=args.cpus)
+        print(f"expert: {err}", file=sys.stderr)
+        return 2
     replica_id = args.replica_id or default_replica_id()
     shard_name = args.shard or f"shard-{experts[0]}-{experts[-1]}"
     event(log, "loading experts", shard=shard_name, experts=format_id_list(experts), model=args.model,
