@@ -431,14 +431,14 @@ def test_local_actuator_starts_a_real_expert_replica_and_stops_it_by_pid(v3_chec
         child = actuator.children["shard-a"][0]
         live = wait_for(lambda: [r for r in list_replicas(client, keys, "expert") if r.shard == "shard-a"], 40,
                         f"replica registered (log: {child.log_path})", step=0.2)
-        assert [(r.id, r.experts, r.pid) for r in live] == [(child.replica_id, [0, 1], child.process.pid)]
+        assert [(r.id, r.experts, r.pid) for r in live] == [(child.name, [0, 1], child.process.pid)]
         # a replica someone else started counts, but is never stopped by us
         register(client, keys, "shard-a", "launcher-replica", experts=(0, 1))
         live = [r for r in list_replicas(client, keys, "expert") if r.shard == "shard-a"]
         assert actuator.current(spec, live) == 2
         assert actuator.scale(spec, 0, live)
         assert child.process.wait(15) == 0          # SIGTERM: drained and exited cleanly
-        wait_for(lambda: not client.exists(keys.replica("expert", child.replica_id)), 5, "deregistered")
+        wait_for(lambda: not client.exists(keys.replica("expert", child.name)), 5, "deregistered")
         live = [r for r in list_replicas(client, keys, "expert") if r.shard == "shard-a"]
         assert [r.id for r in live] == ["launcher-replica"] and actuator.current(spec, live) == 1
         assert client.exists(keys.replica("expert", "launcher-replica"))
