@@ -303,7 +303,7 @@ class LocalCluster:
     def stop_process(self, name: str, sig: int = signal.SIGTERM, *, wait: bool = True,
                      timeout: float | None = None) -> int | None:
         """Signal one process by PID; with wait (SIGTERM/SIGINT/SIGKILL) wait for it, SIGKILL after
-        `timeout`. Returns its exit status (None when not waited or not ours)."""
+        `timeout`. Returns its exit status (None when not waited for)."""
         proc = self.processes[name]
         if not proc.running():
             return proc.exit_status()
