@@ -18,8 +18,8 @@ from typing import Any
 from model import accounting
 from model.config import ModelConfig
 from model.errors import ModelError
-from services.planner.load import slowest_device_factor
-from services.planner.profiles import HardwareProfile
+from services.sizing.load import slowest_device_factor
+from services.sizing.profiles import HardwareProfile
 
 WIRE_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
 FP8_SCALE_BYTES_PER_CHANNEL = 4 / 128  # one fp32 scale per 128 channels (DESIGN.md, FP8)
@@ -27,7 +27,7 @@ MEMORY_RESERVE = 0.10  # of HBM kept for activations, workspaces and fragmentati
 
 
 class DeploymentError(ModelError):
-    """A deployment the planner cannot size (inconsistent counts, unknown dtype)."""
+    """A deployment that cannot be sized (inconsistent counts, unknown dtype)."""
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ class Estimate:
         return out
 
 
-def plan(cfg: ModelConfig, profile: HardwareProfile, deployment: Deployment) -> Estimate:
+def size_deployment(cfg: ModelConfig, profile: HardwareProfile, deployment: Deployment) -> Estimate:
     d = _checked(cfg, deployment)
     ep = d.ep_width or math.ceil((cfg.n_routed_experts + d.redundant_experts) / d.experts_per_gpu)
     micro_batches = 2 if d.two_micro_batch else 1
@@ -173,7 +173,7 @@ def plan(cfg: ModelConfig, profile: HardwareProfile, deployment: Deployment) -> 
 def sweep(cfg: ModelConfig, profile: HardwareProfile, deployment: Deployment, field: str, values: list[float]) -> list[Estimate]:
     if field not in Deployment.__dataclass_fields__:
         raise DeploymentError(f"cannot sweep '{field}': not a deployment setting")
-    return [plan(cfg, profile, replace(deployment, **{field: value})) for value in values]
+    return [size_deployment(cfg, profile, replace(deployment, **{field: value})) for value in values]
 
 
 def max_sequences_per_worker(cfg: ModelConfig, profile: HardwareProfile, d: Deployment, kv_per_token: int) -> int:
@@ -326,11 +326,11 @@ def _checked(cfg: ModelConfig, d: Deployment) -> Deployment:
 
 def omission_costs(cfg: ModelConfig, profile: HardwareProfile, deployment: Deployment) -> dict[str, float]:
     """For each paper simplification `deployment` makes: TPOT with it undone over TPOT as given."""
-    base = plan(cfg, profile, deployment).tpot_s
+    base = size_deployment(cfg, profile, deployment).tpot_s
     defaults = Deployment()
     costs = {}
     for name, value in PAPER_ASSUMPTIONS.items():
         default = getattr(defaults, name)
         if isinstance(default, bool) and getattr(deployment, name) != default:
-            costs[name] = plan(cfg, profile, replace(deployment, **{name: default})).tpot_s / base
+            costs[name] = size_deployment(cfg, profile, replace(deployment, **{name: default})).tpot_s / base
     return costs
