@@ -11,7 +11,7 @@ Targets (MOE_AUTOSCALER_TARGETS or --targets; JSON, or @path to a JSON file):
 
 `shard` is the name replicas register with (--shard / MOE_SHARD_NAME); `deployment` the
 Deployment the Kubernetes actuator scales; `experts` the shard's logical ids ("0-7", "0,2,5",
-"0-3,8-11" or a JSON list). Unknown keys fail at start. See the README, "Autoscaling expert shards".
+"0-3,8-11" or a JSON list). Unknown keys fail at start. See docs/autoscaling.md.
 
 Redis down: the last decision stands (nothing is changed), logged once, retried each interval.
 SIGTERM/SIGINT: stop the loop; the local actuator stops every replica it started; exit 0.
