@@ -15,7 +15,8 @@ import sys
 from model.config import ModelConfig
 from model.errors import ModelError
 from moe.v1 import inference_pb2, inference_pb2_grpc
-from services.attention.servicer import InferenceServicer, InferenceSessionServicer, StreamHub
+from services.attention.servicer import InferenceServicer, InferenceSessionServicer
+from services.attention.streams import StreamHub
 from services.attention.worker import AttentionWorker, PlanWatcher
 from services.common import redis_store, settings
 from services.common.cpus import parse_cpus, pin_process
