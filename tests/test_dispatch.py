@@ -20,7 +20,8 @@ from services.attention.dispatch import DEAD_REPLICA_S, Dispatcher, LayerRoutes,
 from services.attention.worker import COMPILED_REMOTE_EXPERTS_TORCH
 from services.common.errors import Unavailable
 from services.common.plan import Plan, PlanReplica
-from services.transport.base import ExpertBatch, ReplicaUnavailable
+from services.wire.batch import ExpertBatch
+from services.wire.failures import ReplicaUnavailable
 
 LAYER = 1
 N_EXPERTS = 8
