@@ -155,6 +155,20 @@ def test_an_expert_without_replica_fails_only_the_dispatches_that_touch_it():
     torch.testing.assert_close(d.combine(d.dispatch(LAYER, x, clear, weights)), expected(x, clear, weights))
 
 
+def test_remote_experts_in_an_eager_step_call_the_dispatcher_and_raise_its_failures_as_they_are(monkeypatch):
+    """Outside a compiled graph no custom operator (and no registry of dispatchers) is involved:
+    a step's failure is the dispatcher's own exception, without `failures_surfaced`."""
+    monkeypatch.setattr("services.attention.dispatch._dispatchers", {})  # an operator would find none
+    plan = plan_of([["a"] if e < 4 else ["b"] for e in range(N_EXPERTS)])
+    d, transport = dispatcher(plan)
+    experts = RemoteExperts(LAYER, d)
+    x, ids, weights = routing()
+    torch.testing.assert_close(experts.combine(experts.dispatch(x, ids, weights)), expected(x, ids, weights))
+    transport.replicas["b"].fail = True
+    with pytest.raises(Unavailable, match="kept failing after 3 attempts"):
+        experts.combine(experts.dispatch(x, ids, weights))
+
+
 @pytest.mark.skipif(TorchVersion(torch.__version__) < COMPILED_REMOTE_EXPERTS_TORCH,
                     reason="torch < 2.13's C++ wrapper crashes when an operator raises (workers refuse --compile-decode there)")
 def test_remote_experts_in_a_compiled_graph_dispatch_and_combine_like_the_dispatcher():

@@ -39,9 +39,8 @@ def decode_request(request: expert_pb2.ExpertRequest) -> tuple[ExpertBatch, torc
     for name in ("hidden", "expert_ids", "weights"):
         if not request.HasField(name):
             raise InvalidArgument(f"{name} is missing")
-    fields = {name: tensors.decode(getattr(request, name), field=name, allowed=FIELD_DTYPES[name],
-                                   expect_shape=(None, None))
-              for name in FIELD_DTYPES if name != "hidden_scales" or request.HasField(name)}
+    fields = {name: tensors.decode(getattr(request, name), field=name, allowed=allowed, expect_shape=(None, None))
+              for name, allowed in FIELD_DTYPES.items() if request.HasField(name)}
     if request.output_dtype and request.output_dtype not in REPLY_DTYPES:
         raise InvalidArgument(f"output_dtype '{request.output_dtype}' is not one of {', '.join(REPLY_DTYPES)}")
     reply = request.output_dtype or reply_dtype(dispatch_dtype_of(request.hidden.dtype))

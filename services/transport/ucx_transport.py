@@ -52,15 +52,15 @@ from services.common.errors import InvalidArgument
 from services.common.logging import event, get_logger
 from services.transport import ucx_framing as wire
 from services.transport.base import DISPATCH_BYTES, DISPATCH_FAILURES, DISPATCH_WAIT, ExpertClient, ReplicaLike, Transport
-from services.wire.batch import ExpertBatch, result_dtype, wire_tensors
-from services.wire.dtypes import check_dispatch_dtype, reply_dtype
-from services.wire.failures import ReplicaUnavailable, caller_error
 from services.transport.ucx_runtime import (  # noqa: F401 - UcxUnavailable, ucx_available re-exported
     CLOSE_TIMEOUT_S,
     UcxRuntime,
     UcxUnavailable,
     ucx_available,
 )
+from services.wire.batch import ExpertBatch, result_dtype, wire_tensors
+from services.wire.dtypes import check_dispatch_dtype, reply_dtype
+from services.wire.failures import ReplicaUnavailable, caller_error
 
 log = get_logger("transport.ucx")
 
