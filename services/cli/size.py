@@ -14,7 +14,7 @@ from services.cli import CliError
 from services.cli.inspect import add_model_arguments, model_config_from_args
 from services.sizing import estimate, load, profiles, values
 
-DTYPES = tuple(estimate.WIRE_BYTES)
+DTYPES = tuple(estimate.VALUE_BYTES)
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:

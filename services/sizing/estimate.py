@@ -20,9 +20,7 @@ from model.config import ModelConfig
 from model.errors import ModelError
 from services.sizing.load import slowest_device_factor
 from services.sizing.profiles import HardwareProfile
-
-WIRE_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
-FP8_SCALE_BYTES_PER_CHANNEL = 4 / 128  # one fp32 scale per 128 channels (DESIGN.md, FP8)
+from services.wire.dtypes import VALUE_BYTES, hidden_bytes_per_token
 MEMORY_RESERVE = 0.10  # of HBM kept for activations, workspaces and fragmentation
 
 
@@ -191,9 +189,8 @@ def _moe_layer(cfg: ModelConfig, profile: HardwareProfile, d: Deployment, ep: in
     hidden = d.hidden_override or cfg.hidden_size
     shared_copies = cfg.n_shared_experts if d.shared_expert_on_wire else 0
     copies = cfg.num_experts_per_tok + shared_copies
-    dispatch_width = WIRE_BYTES[d.dispatch_dtype] + (FP8_SCALE_BYTES_PER_CHANNEL if d.dispatch_dtype == "fp8" and d.fp8_scales_on_wire else 0)
-    dispatch_per_token = copies * hidden * dispatch_width
-    combine_per_token = copies * hidden * WIRE_BYTES[d.combine_dtype]
+    dispatch_per_token = float(copies * hidden_bytes_per_token(hidden, d.dispatch_dtype, with_scales=d.fp8_scales_on_wire))
+    combine_per_token = copies * hidden * VALUE_BYTES[d.combine_dtype]
     # The slowest device receives `factor` times the mean of the routed copies.
     received = (cfg.num_experts_per_tok * factor + shared_copies) / copies
     fabric, communication = _all_to_all_s(profile, d, ep, d.tokens_per_device * received * (dispatch_per_token + combine_per_token), copies)
@@ -307,8 +304,8 @@ def _device_factors(cfg: ModelConfig, d: Deployment, ep: int) -> list[float]:
 
 def _checked(cfg: ModelConfig, d: Deployment) -> Deployment:
     for name in ("dispatch_dtype", "combine_dtype"):
-        if getattr(d, name) not in WIRE_BYTES:
-            raise DeploymentError(f"{name.replace('_', ' ')} '{getattr(d, name)}' is not one of {', '.join(WIRE_BYTES)}")
+        if getattr(d, name) not in VALUE_BYTES:
+            raise DeploymentError(f"{name.replace('_', ' ')} '{getattr(d, name)}' is not one of {', '.join(VALUE_BYTES)}")
     positive = ("tokens_per_device", "experts_per_gpu", "planes", "attention_gpus_per_worker", "context_length")
     for name in positive:
         if getattr(d, name) <= 0:
