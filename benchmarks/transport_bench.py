@@ -212,7 +212,7 @@ def serve_grpc_expert() -> None:
 
 def client_expert(transport: str, port: int, sizes: list[int], quick: bool) -> dict:
     """Our expert path through `transport` ("ucx" or "grpc"): ExpertBatch in, output out."""
-    from services.transport.base import make_transport
+    from services.transport import make_transport
     from services.wire.batch import ExpertBatch
 
     class Replica:

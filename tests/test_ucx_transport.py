@@ -14,7 +14,7 @@ import torch
 
 from services.common.errors import InvalidArgument
 from services.transport import ucx_framing as wire
-from services.transport.base import make_transport
+from services.transport import make_transport
 from services.wire import codec
 from services.wire.batch import ExpertBatch
 from services.wire.failures import ReplicaUnavailable

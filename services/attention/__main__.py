@@ -25,7 +25,7 @@ from services.common.memory import keep_freed_memory
 from services.common.expert_ids import parse_expert_ids
 from services.common.redis_store import Keys, LoadRecorder, ReplicaRecord
 from services.common.server import Service
-from services.transport.base import TRANSPORT_CHOICES, make_transport
+from services.transport import TRANSPORT_CHOICES, make_transport
 from services.wire.dtypes import DISPATCH_DTYPES
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name

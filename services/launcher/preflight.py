@@ -10,7 +10,7 @@ from pathlib import Path
 
 from services.common.devices import check_device as check_device_flag
 
-# services.transport.base.TRANSPORT_CHOICES, kept here so that the launcher does not import torch
+# services.transport.TRANSPORT_CHOICES, kept here so that the launcher does not import torch
 TRANSPORT_CHOICES = ("auto", "grpc", "ucx")
 # Shard replicas and attention workers on one machine: more is a typo, and would need more ports
 # than free_ports finds below the ephemeral range.

@@ -8,16 +8,26 @@ worker logs why once and keeps to gRPC.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import threading
 
 from services.common.logging import event, get_logger
-from services.transport.base import ExpertClient, ReplicaLike, Transport, make_transport
+from services.transport.base import ExpertClient, ReplicaLike, Transport
 from services.transport.grpc_transport import GrpcTransport
 from services.wire.dtypes import check_dispatch_dtype
 
 log = get_logger("transport.auto")
+
+
+def ucx_transport(dispatch_dtype: str, **options) -> Transport:
+    """The UCX transport; ucxx is imported here, on demand (importing it starts UCX)."""
+    try:
+        module = importlib.import_module("services.transport.ucx_transport")
+    except ImportError as err:
+        raise RuntimeError(f"transport 'ucx' is unavailable: {err} (install ucxx, or use --transport grpc)") from err
+    return module.UcxTransport(dispatch_dtype, **options)
 
 
 def ucx_installed() -> bool:
@@ -39,7 +49,7 @@ class AutoTransport(Transport):
         with self._lock:
             if self._ucx is None and not self._ucx_failed:
                 try:
-                    self._ucx = make_transport("ucx", self.dispatch_dtype)
+                    self._ucx = ucx_transport(self.dispatch_dtype)
                 except Exception as err:  # noqa: BLE001 - ucxx missing, broken, or UCX failing to start
                     self._ucx_failed = True
                     event(log, "UCX unavailable here; expert traffic stays on gRPC", level=logging.WARNING,

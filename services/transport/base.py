@@ -14,19 +14,13 @@ itself is wrong; another replica would reject it too).
 from __future__ import annotations
 
 import concurrent.futures
-import importlib
 from abc import ABC, abstractmethod
-from typing import Any, Protocol
+from typing import Protocol
 
 from prometheus_client import Counter, Histogram
 
 from services.wire.batch import ExpertBatch
-from services.wire.dtypes import check_dispatch_dtype
 from services.wire.failures import ReplicaUnavailable
-
-TRANSPORTS = ("grpc", "ucx")
-# "auto": UCX to every replica that offers it where ucxx works, gRPC to the rest
-TRANSPORT_CHOICES = ("auto",) + TRANSPORTS
 
 # Shared by every transport (a metric can be registered once per process). Labels:
 # transport = "grpc" | "ucx"; direction = "dispatch" (worker -> shard) | "combine" (shard -> worker).
@@ -73,25 +67,3 @@ class Transport(ABC):
 
     def close(self) -> None:
         """Release what the transport itself holds (clients are closed by their owners)."""
-
-
-def make_transport(name: str, dispatch_dtype: str, **options: Any) -> Transport:
-    """The transport called `name` ("auto", "grpc" or "ucx"); UCX is imported only here, on demand."""
-    check_dispatch_dtype(dispatch_dtype)
-    if name == "auto":
-        from services.transport.auto import AutoTransport
-
-        return AutoTransport(dispatch_dtype)
-    if name == "grpc":
-        from services.transport.grpc_transport import GrpcTransport
-
-        return GrpcTransport(dispatch_dtype, **options)
-    if name == "ucx":
-        try:
-            module = importlib.import_module("services.transport.ucx_transport")
-        except ImportError as err:
-            raise RuntimeError(f"transport 'ucx' is unavailable: {err} (install ucxx, or use --transport grpc)") from err
-        if not hasattr(module, "UcxTransport"):
-            raise RuntimeError("services.transport.ucx_transport defines no UcxTransport class")
-        return module.UcxTransport(dispatch_dtype, **options)
-    raise ValueError(f"transport '{name}' is not one of {', '.join(TRANSPORT_CHOICES)}")
