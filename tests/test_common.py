@@ -20,22 +20,7 @@ from services.common.plan import Plan, PlanReplica
 from services.common.ports import free_port
 from services.common.redis_server import RedisServer
 from services.common.server import Service
-
-
-def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-@pytest.fixture(scope="module")
-def redis_server():
-    with RedisServer() as server:
-        yield server
+from support import wait_until
 
 
 @pytest.fixture

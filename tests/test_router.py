@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import pytest
@@ -21,8 +17,8 @@ from services.common.ports import free_port
 from services.common.redis_server import RedisServer
 from services.common.redis_store import DRAINING, ReplicaRecord
 from services.router import placement
+from support import start_service, stop_process, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [1, 2]
 N = 8
 
@@ -117,16 +113,6 @@ TINY_CONFIG = dict(
 )
 
 
-def wait_until(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("tiny-config")
@@ -134,18 +120,15 @@ def cluster(tmp_path_factory):
     log_path = model_dir / "router.log"
     with RedisServer() as redis_server:
         port = free_port()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "MOE_REDIS_URL": redis_server.url}
-        cmd = [sys.executable, "-m", "services.router", "--model", str(model_dir), "--host", "127.0.0.1",
-               "--port", str(port), "--metrics-port", "0", "--cluster", "rt", "--poll-interval", "0.1",
-               "--grace", "1"]
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = start_service("services.router", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+                             "--metrics-port", "0", "--cluster", "rt", "--poll-interval", "0.1", "--grace", "1",
+                             log=log_path, env={"MOE_REDIS_URL": redis_server.url})
         try:
             def up():
                 if proc.poll() is not None:
                     raise AssertionError(f"router exited {proc.returncode}: {log_path.read_text()}")
                 return healthcheck.check("127.0.0.1", port, "moe.v1.Router", timeout=0.5)[0]
-            wait_until(up, what="router SERVING")
+            wait_until(up, 10, "router SERVING")
             client = redis_store.connect(redis_server.url)
             channel = grpc.insecure_channel(f"127.0.0.1:{port}")
             yield dict(proc=proc, port=port, client=client, keys=redis_store.Keys("rt"),
@@ -153,9 +136,7 @@ def cluster(tmp_path_factory):
             channel.close()
             client.close()
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(5)
+            stop_process(proc)
 
 
 def register(cluster, record) -> redis_store.Registry:
@@ -173,7 +154,7 @@ def test_router_process_serves_plans_drains_and_reports_status(cluster):
                   register(cluster, rec("e-high-p0", range(4, 8), plane=0, shard="hi"))]
     try:
         full = wait_until(lambda: (p := stub.GetPlan(router_pb2.GetPlanRequest(), timeout=5)).replicas
-                          and len(p.replicas) == 3 and p, what="plan with 3 replicas")
+                          and len(p.replicas) == 3 and p, 10, "plan with 3 replicas")
         assert list(full.missing) == [] and full.version > empty.version
         stored_version, payload = redis_store.read_plan(client, keys)
         assert stored_version == full.version and Plan.from_json(payload) == Plan.from_proto(full)
@@ -194,13 +175,13 @@ def test_router_process_serves_plans_drains_and_reports_status(cluster):
 
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
-        wait_until(lambda: seen, what="first watched plan")
+        wait_until(lambda: seen, 10, "first watched plan")
         assert seen[0].version == full.version
 
         drained = stub.DrainReplica(router_pb2.DrainRequest(replica_id="e-low"), timeout=5)
         assert drained.plan_version == full.version + 1
         assert [(m.layer, m.expert) for m in drained.missing] == [(l, e) for l in (1, 2) for e in range(4)]
-        wait_until(lambda: len(seen) >= 2, what="watched drain version")
+        wait_until(lambda: len(seen) >= 2, 10, "watched drain version")
         assert seen[1].version == drained.plan_version and "e-low" not in seen[1].replicas
         record = json.loads(client.get(keys.replica("expert", "e-low")))
         assert record["state"] == DRAINING
@@ -231,7 +212,7 @@ def test_router_process_serves_plans_drains_and_reports_status(cluster):
         registries[2].deregister()
         dead = wait_until(lambda: "e-high-p0" not in (p := stub.GetPlan(router_pb2.GetPlanRequest(),
                                                                           timeout=5)).replicas and p,
-                          what="dead replica removed")
+                          10, "dead replica removed")
         assert list(dead.layers[0].experts[7].replica_ids) == ["e-high-p1"]
         watch.cancel()
         reader.join(5)
