@@ -1,6 +1,8 @@
 """Shared fixtures: tiny checkpoints written by `transformers`, built once per test session; one
 Redis for the tests that need one (each uses its own key prefix); the gateway in front of fake
-workers (fake_workers.py). The helpers behind them are in support.py."""
+workers (fake_workers.py). The helpers behind them are in support.py. And which tests are slow
+without being marked one by one: every `cluster` test, and every test using a fixture that
+starts processes or fetches a tool."""
 
 from __future__ import annotations
 
@@ -18,6 +20,16 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 from checkpoints import make_checkpoint  # noqa: E402
 from fake_workers import gateway  # noqa: E402,F401 - the fixture, for test_gateway.py and test_client.py
 from services.common.redis_server import RedisServer  # noqa: E402
+
+# a cluster (test_cluster.py, test_router.py), UCX listener processes, helm and docker-compose
+SLOW_FIXTURES = {"cluster", "listeners", "helm", "docker_compose"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("cluster") or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

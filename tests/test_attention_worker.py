@@ -91,13 +91,6 @@ def test_a_request_larger_than_the_whole_cache_is_refused_at_once(worker):
     assert f"holds {CACHE_TOKENS}" in err.value.details()
 
 
-def test_requests_that_fit_only_one_at_a_time_wait_their_turn_and_all_complete(worker):
-    # each needs 108 of the 192 tokens: two cannot be resident together
-    calls = [worker.Generate(request(8, 100), timeout=120) for _ in range(3)]
-    assert [tokens_of(call)[0] for call in calls] == [100, 100, 100]
-    assert kv_used_settles_to_zero(worker)
-
-
 def test_a_cancelled_stream_frees_its_cache_at_once(worker):
     before = worker.counters()
     call = worker.Generate(request(4, 180), timeout=120)

@@ -365,6 +365,7 @@ def test_kubernetes_errors_are_logged_once_per_shard_and_kind_and_never_raise(tm
     assert [r.getMessage() for r in caplog.records].count("kubernetes API unreachable") == 1
 
 
+@pytest.mark.slow
 def test_autoscaler_process_patches_the_deployment_and_stops_on_sigterm(redis_server, tmp_path):
     """The whole process: real Redis with load, the stand-in API server (as behind kubectl proxy)."""
     client = connect(redis_server.url)
@@ -397,6 +398,7 @@ def test_autoscaler_process_patches_the_deployment_and_stops_on_sigterm(redis_se
 
 # ---- local actuator: a real expert replica ---------------------------------------------------
 
+@pytest.mark.slow
 def test_local_actuator_starts_a_real_expert_replica_and_stops_it_by_pid(v3_checkpoint, redis_server, tmp_path):
     path, _ = v3_checkpoint
     client = connect(redis_server.url)

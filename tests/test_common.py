@@ -424,6 +424,7 @@ print(sum(faults[10:]) / len(faults[10:]))
 """
 
 
+@pytest.mark.slow
 def test_keeping_freed_memory_stops_a_step_threads_buffers_from_faulting_in_afresh():
     def faults_per_step(mode: str) -> float:
         done = subprocess.run([sys.executable, "-c", PAGE_FAULTS_PER_STEP, mode], capture_output=True, text=True,

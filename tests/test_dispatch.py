@@ -154,6 +154,7 @@ def test_an_expert_without_replica_fails_only_the_dispatches_that_touch_it():
     torch.testing.assert_close(d.combine(d.dispatch(LAYER, x, clear, weights)), expected(x, clear, weights))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(TorchVersion(torch.__version__) < COMPILED_REMOTE_EXPERTS_TORCH,
                     reason="torch < 2.13's C++ wrapper crashes when an operator raises (workers refuse --compile-decode there)")
 def test_remote_experts_in_a_compiled_graph_dispatch_and_combine_like_the_dispatcher():
@@ -237,6 +238,7 @@ def test_a_layer_whose_experts_are_all_local_needs_no_replica_at_all():
     assert not transport.replicas
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(TorchVersion(torch.__version__) < COMPILED_REMOTE_EXPERTS_TORCH,
                     reason=f"compiled remote experts need torch >= {COMPILED_REMOTE_EXPERTS_TORCH}")
 @torch.no_grad()
