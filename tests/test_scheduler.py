@@ -1,6 +1,7 @@
 """The attention worker's scheduler and the engine's admission, in process: the real `Scheduler`
-driving a real `Engine` and latent cache over a scripted model (no weights: every call picks
-token 7 and records what it was asked), each engine step let through by the test. What is
+driving a real `Engine` and latent cache (admission by cache and batch size is the engine's) over
+a scripted model (no weights: every call picks token 7 and records what it was asked), each
+engine step let through by the test. What is
 asserted is what a worker promises its callers: first come first served, never more than
 max_batch decoding together, a request that can never fit refused at once and one that fits
 later kept waiting, cache freed on completion, cancellation, deadlines and failed steps."""
@@ -145,9 +146,9 @@ def request(name: str, prompt: int, new: int) -> GenerationRequest:
 
 
 @pytest.fixture
-def make():
-    """make(cache_tokens, max_batch) -> (scheduler, model, steps, published), started with the
-    steps held at the gate; at the end the steps run freely and the scheduler stops."""
+def start_scheduler():
+    """start_scheduler(cache_tokens, max_batch) -> (scheduler, model, steps, published): started,
+    its steps held at the gate; at the end the steps run freely and the scheduler stops."""
     made = []
 
     def build(cache_tokens: int = 1024, max_batch: int = 8):
@@ -162,8 +163,8 @@ def make():
         scheduler.stop(timeout=0.0)
 
 
-def test_a_request_larger_than_the_whole_cache_is_refused_at_submit_and_never_queued(make):
-    scheduler, model, _, _ = make(cache_tokens=64)
+def test_a_request_larger_than_the_whole_cache_is_refused_at_submit_and_never_queued(start_scheduler):
+    scheduler, model, _, _ = start_scheduler(cache_tokens=64)
     with pytest.raises(ResourceExhausted, match="needs 108 KV-cache tokens; this worker holds 64"):
         scheduler.submit(request("huge", 8, 100), deadline=None)
     with pytest.raises(InputError, match="outside the vocabulary"):
@@ -172,9 +173,9 @@ def test_a_request_larger_than_the_whole_cache_is_refused_at_submit_and_never_qu
     assert model.calls == []
 
 
-def test_requests_that_fit_one_at_a_time_wait_their_turn_in_order_and_all_complete(make):
+def test_requests_that_fit_one_at_a_time_wait_their_turn_in_order_and_all_complete(start_scheduler):
     # 38 tokens each: 3 of the 4 blocks, so two are never resident together
-    scheduler, model, steps, published = make(cache_tokens=64)
+    scheduler, model, steps, published = start_scheduler(cache_tokens=64)
     steps.run_freely()
     handles = [scheduler.submit(request(name, 8, 30), deadline=None) for name in "abc"]
     ends = [published.wait_end(h) for h in handles]
@@ -192,8 +193,8 @@ def test_requests_that_fit_one_at_a_time_wait_their_turn_in_order_and_all_comple
                       what="an idle, empty cache")
 
 
-def test_no_step_decodes_more_than_max_batch_and_admission_is_first_come_first_served(make):
-    scheduler, model, steps, published = make(cache_tokens=1024, max_batch=2)
+def test_no_step_decodes_more_than_max_batch_and_admission_is_first_come_first_served(start_scheduler):
+    scheduler, model, steps, published = start_scheduler(cache_tokens=1024, max_batch=2)
     handles = [scheduler.submit(request(f"r{i}", 4, new), deadline=None) for i, new in enumerate([3, 6, 2, 5, 4])]
     steps.run_freely()
     for h in handles:
@@ -205,8 +206,8 @@ def test_no_step_decodes_more_than_max_batch_and_admission_is_first_come_first_s
     assert all(len(set(batch)) == len(batch) for batch in batches)
 
 
-def test_a_request_joins_the_running_batch_at_the_next_step(make):
-    scheduler, model, steps, published = make()
+def test_a_request_joins_the_running_batch_at_the_next_step(start_scheduler):
+    scheduler, model, steps, published = start_scheduler()
     a = scheduler.submit(request("a", 4, 10), deadline=None)
     steps.run()                                  # a is taken in and prefilled
     assert model.calls == [("prefill", a.seq.id)]
@@ -221,8 +222,8 @@ def test_a_request_joins_the_running_batch_at_the_next_step(make):
     assert (published.tokens(a), published.tokens(b)) == (4, 2)
 
 
-def test_cancelling_a_running_request_frees_its_cache_for_the_one_waiting(make):
-    scheduler, model, steps, published = make(cache_tokens=64)
+def test_cancelling_a_running_request_frees_its_cache_for_the_one_waiting(start_scheduler):
+    scheduler, model, steps, published = start_scheduler(cache_tokens=64)
     a = scheduler.submit(request("a", 8, 30), deadline=None)
     b = scheduler.submit(request("b", 8, 30), deadline=None)
     steps.run(2)
@@ -239,8 +240,8 @@ def test_cancelling_a_running_request_frees_its_cache_for_the_one_waiting(make):
     assert all(a.seq.id not in batch for batch in model.decodes()[2:])
 
 
-def test_a_request_cancelled_while_waiting_is_never_prefilled(make):
-    scheduler, model, steps, published = make(cache_tokens=64)
+def test_a_request_cancelled_while_waiting_is_never_prefilled(start_scheduler):
+    scheduler, model, steps, published = start_scheduler(cache_tokens=64)
     a = scheduler.submit(request("a", 8, 30), deadline=None)
     b = scheduler.submit(request("b", 8, 30), deadline=None)
     steps.run()
@@ -253,8 +254,8 @@ def test_a_request_cancelled_while_waiting_is_never_prefilled(make):
     assert model.prefills() == [a.seq.id]
 
 
-def test_a_deadline_passing_mid_stream_fails_the_request_and_frees_its_cache(make):
-    scheduler, model, steps, published = make(cache_tokens=64)
+def test_a_deadline_passing_mid_stream_fails_the_request_and_frees_its_cache(start_scheduler):
+    scheduler, model, steps, published = start_scheduler(cache_tokens=64)
     a = scheduler.submit(request("a", 8, 30), deadline=time.monotonic() + 600)
     b = scheduler.submit(request("b", 8, 30), deadline=None)
     steps.run(3)
@@ -267,8 +268,8 @@ def test_a_deadline_passing_mid_stream_fails_the_request_and_frees_its_cache(mak
     assert published.wait_end(b)[0] == "final"
 
 
-def test_a_request_whose_deadline_passed_while_queued_is_never_prefilled(make):
-    scheduler, model, steps, published = make()
+def test_a_request_whose_deadline_passed_while_queued_is_never_prefilled(start_scheduler):
+    scheduler, model, steps, published = start_scheduler()
     late = scheduler.submit(request("late", 4, 5), deadline=time.monotonic() - 1.0)
     steps.run_freely()
     kind, error = published.wait_end(late)
@@ -278,8 +279,8 @@ def test_a_request_whose_deadline_passed_while_queued_is_never_prefilled(make):
 
 @pytest.mark.parametrize("failure, message", [(Unavailable("no live replica for expert 3"), "no live replica"),
                                               (RuntimeError("boom"), "worker step failed: boom")])
-def test_a_failed_step_fails_the_sequences_in_it_and_the_waiting_one_still_completes(make, failure, message):
-    scheduler, model, steps, published = make(cache_tokens=64)
+def test_a_failed_step_fails_the_sequences_in_it_and_the_waiting_one_still_completes(start_scheduler, failure, message):
+    scheduler, model, steps, published = start_scheduler(cache_tokens=64)
     a = scheduler.submit(request("a", 8, 30), deadline=None)
     b = scheduler.submit(request("b", 8, 30), deadline=None)
     steps.run(2)
@@ -293,8 +294,8 @@ def test_a_failed_step_fails_the_sequences_in_it_and_the_waiting_one_still_compl
     assert wait_until(lambda: scheduler.load()["kv_used"] == 0, what="the cache freed")
 
 
-def test_stop_lets_sequences_in_flight_finish_within_the_grace(make):
-    scheduler, _, steps, published = make()
+def test_stop_lets_sequences_in_flight_finish_within_the_grace(start_scheduler):
+    scheduler, _, steps, published = start_scheduler()
     a = scheduler.submit(request("a", 4, 20), deadline=None)
     steps.run_freely()
     scheduler.stop(timeout=20)
@@ -303,8 +304,8 @@ def test_stop_lets_sequences_in_flight_finish_within_the_grace(make):
         scheduler.submit(request("b", 4, 5), deadline=None)
 
 
-def test_stop_past_the_grace_fails_what_is_left_with_unavailable(make):
-    scheduler, _, steps, published = make(cache_tokens=64)
+def test_stop_past_the_grace_fails_what_is_left_with_unavailable(start_scheduler):
+    scheduler, _, steps, published = start_scheduler(cache_tokens=64)
     a = scheduler.submit(request("a", 8, 30), deadline=None)
     b = scheduler.submit(request("b", 8, 30), deadline=None)
     steps.run()
