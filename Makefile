@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo-model: setup
-	$(PY) -m services.commands.demo_model $(DEMO_MODEL)
+	$(PY) -m services.cli.demo_model $(DEMO_MODEL)
 
 run: demo-model
 	$(VENV)/bin/moe up --model $(DEMO_MODEL) --shards 2 --replicas 2 --attention-workers 2 --detach

@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from services.transport import fp8  # noqa: E402
+from services.wire import dtypes  # noqa: E402
 
 # what the measured processes start from: importing ucxx (the orchestrator does, to report its
 # version) puts UCXX's UCX_* defaults in os.environ, which would override ucx_runtime's own
@@ -212,7 +212,8 @@ def serve_grpc_expert() -> None:
 
 def client_expert(transport: str, port: int, sizes: list[int], quick: bool) -> dict:
     """Our expert path through `transport` ("ucx" or "grpc"): ExpertBatch in, output out."""
-    from services.transport.base import ExpertBatch, make_transport
+    from services.transport.base import make_transport
+    from services.wire.batch import ExpertBatch
 
     class Replica:
         id, endpoints = "bench", {transport: f"127.0.0.1:{port}"}
@@ -403,15 +404,15 @@ def print_wire_bytes() -> None:
           f"{'act. vs fp32':>12} {'dispatch vs fp32':>16} | {'x top-k replicas':>16}")
     for model in (V3, TINY):
         hidden, topk = model["hidden"], model["topk"]
-        base_act = fp8.hidden_bytes_per_token(hidden, "fp32")
-        base_msg = fp8.dispatch_bytes_per_token(hidden, topk, "fp32")
+        base_act = dtypes.hidden_bytes_per_token(hidden, "fp32")
+        base_msg = dtypes.dispatch_bytes_per_token(hidden, topk, "fp32")
         for dtype in ("fp32", "bf16", "fp8"):
-            act = fp8.hidden_bytes_per_token(hidden, dtype)
-            msg = fp8.dispatch_bytes_per_token(hidden, topk, dtype)
-            back = fp8.combine_bytes_per_token(hidden, dtype)
+            act = dtypes.hidden_bytes_per_token(hidden, dtype)
+            msg = dtypes.dispatch_bytes_per_token(hidden, topk, dtype)
+            back = dtypes.combine_bytes_per_token(hidden, dtype)
             print(f"{model['name']:>12} {dtype:>5} | {act:>11} {msg:>12} | {back:>7} | {act / base_act:>12.3f} "
                   f"{msg / base_msg:>16.3f} | {topk * (msg + back):>16}")
-        assert fp8.hidden_bytes_per_token(hidden, "fp8") <= 0.27 * base_act
+        assert dtypes.hidden_bytes_per_token(hidden, "fp8") <= 0.27 * base_act
 
 
 OURS = "ucx expert (ours)"

@@ -18,8 +18,6 @@ event code) and the server's message. Needs only grpcio and the generated protos
 
 from __future__ import annotations
 
-import argparse
-import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -39,11 +37,6 @@ FINISH_REASONS = {
     inference_pb2.FINISH_REASON_CANCELLED: "cancelled",
     inference_pb2.FINISH_REASON_UNSPECIFIED: "unspecified",
 }
-# `moe generate --endpoint`: HOST:PORT, [IPv6]:PORT or a unix: socket (gRPC alone would take a
-# bare host to mean port 443)
-ENDPOINT = re.compile(r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]+):\d{1,5}|unix:.+")
-# statuses that mean the request itself was wrong; any other is the cluster failing to serve it
-BAD_INPUT_CODES = {"INVALID_ARGUMENT", "OUT_OF_RANGE"}
 
 
 class ClientError(Exception):
@@ -350,30 +343,3 @@ def router_endpoint_from_redis(redis_url: str, cluster: str) -> str | None:
     finally:
         client.close()
     return next((r.endpoints["grpc"] for r in routers if r.endpoints.get("grpc")), None)
-
-
-# ---- `moe generate --endpoint` ---------------------------------------------------------------
-
-def generate_cli(args: argparse.Namespace) -> int:
-    """`moe generate --endpoint HOST:PORT ...`: the same flags and output as the in-process path."""
-    from services.cli import CliError, ServiceError
-    from services.commands.generate import _ids, print_result
-
-    if not ENDPOINT.fullmatch(args.endpoint):
-        raise CliError(f"--endpoint must be HOST:PORT, got {args.endpoint!r}")
-    prompt_ids = _ids(args.prompt_ids, "--prompt-ids") if args.prompt_ids is not None else None
-    stops: Sequence[int] = ()
-    ignore_eos = args.ignore_eos
-    if args.stop_ids is not None:
-        stops = _ids(args.stop_ids, "--stop-ids")
-        ignore_eos = True  # --stop-ids replaces the model's EOS, as in the in-process path
-    try:
-        with Client(args.endpoint, timeout=args.timeout) as client:
-            result = client.generate(prompt_ids, args.prompt, max_new_tokens=args.max_new_tokens,
-                                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                     seed=args.seed, stop_token_ids=stops, ignore_eos=ignore_eos)
-    except ClientError as err:
-        failure = CliError if err.code in BAD_INPUT_CODES else ServiceError
-        raise failure(f"{err.code}: {err.message}") from None
-    print_result(result.to_dict(), args.json)
-    return 0

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from services.commands.demo_model import DEMO_CONFIG
+from services.cli.demo_model import DEMO_CONFIG
 
 # V3-style (sigmoid + correction bias, 4 groups, YaRN): the same config `make run`'s demo model uses.
 V3_TINY = DEMO_CONFIG

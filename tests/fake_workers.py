@@ -17,8 +17,9 @@ from services.client import Client
 from services.common.server import Service
 from services.gateway.__main__ import SERVICE_NAME
 from services.gateway.balancer import WorkerInfo
-from services.gateway.servicer import GatewayServicer, Upstreams
+from services.gateway.servicer import GatewayServicer
 from services.gateway.sessions import DEFAULT_MAX_UNREAD
+from services.gateway.upstreams import Upstreams
 
 
 class FakeWorker(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.InferenceSessionServicer):

@@ -413,14 +413,14 @@ def test_local_actuator_starts_a_real_expert_replica_and_stops_it_by_pid(v3_chec
         child = actuator.children["shard-a"][0]
         live = wait_until(lambda: [r for r in list_replicas(client, keys, "expert") if r.shard == "shard-a"], 40,
                           f"replica registered (log: {child.log_path})", interval=0.2)
-        assert [(r.id, r.experts, r.pid) for r in live] == [(child.replica_id, [0, 1], child.process.pid)]
+        assert [(r.id, r.experts, r.pid) for r in live] == [(child.name, [0, 1], child.process.pid)]
         # a replica someone else started counts, but is never stopped by us
         register(client, keys, "shard-a", "launcher-replica", experts=(0, 1))
         live = [r for r in list_replicas(client, keys, "expert") if r.shard == "shard-a"]
         assert actuator.current(spec, live) == 2
         assert actuator.scale(spec, 0, live)
         assert child.process.wait(15) == 0          # SIGTERM: drained and exited cleanly
-        wait_until(lambda: not client.exists(keys.replica("expert", child.replica_id)), 5, "deregistered")
+        wait_until(lambda: not client.exists(keys.replica("expert", child.name)), 5, "deregistered")
         live = [r for r in list_replicas(client, keys, "expert") if r.shard == "shard-a"]
         assert [r.id for r in live] == ["launcher-replica"] and actuator.current(spec, live) == 1
         assert client.exists(keys.replica("expert", "launcher-replica"))
@@ -445,3 +445,22 @@ def test_local_actuator_close_stops_every_child_and_reaps_crashed_ones(tmp_path)
     procs = [c.process for c in actuator.children["s"]]
     actuator.close()
     assert all(p.poll() is not None for p in procs)
+
+
+def test_local_actuator_kills_a_replica_that_ignores_sigterm_once_the_grace_has_passed(tmp_path):
+    stubborn = [sys.executable, "-c",
+                "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('SIGTERM', 'ignored', "
+                "flush=True); time.sleep(60)"]
+    actuator = LocalActuator(model="unused", redis_url="redis://x", cluster="c", run_dir=tmp_path, command=stubborn,
+                             grace_s=1.0)
+    spec = ShardSpec("s", (0,), 0, 1)
+    assert actuator.scale(spec, 1)
+    (child,) = actuator.children["s"]
+    wait_until(lambda: "SIGTERM ignored" in child.log_path.read_text(), 20, "the replica's handler")
+    assert child.log_path.read_text().startswith("---- start ")    # its argv heads the log
+    asked = time.monotonic()
+    assert actuator.scale(spec, 0) and actuator.current(spec) == 0
+    assert child.process.poll() is None                            # still draining, within its grace
+    wait_until(lambda: actuator.current(spec) == 0 and child.process.poll() is not None, 20, "SIGKILL after the grace")
+    assert child.process.returncode == -signal.SIGKILL and time.monotonic() - asked >= 1.0
+    assert actuator.current(spec) == 0 and actuator.children["s"] == []     # reaped

@@ -89,6 +89,19 @@ def test_ci_scenarios_cover_minimal_gpu_planes_and_external_redis():
     assert {MINIMAL, GPU, EXTERNAL} <= set(CI)
 
 
+def test_each_component_deployment_comes_from_its_own_template(helm):
+    text = helm.template(GPU).stdout
+    sources = {}
+    for doc in text.split("\n---\n"):
+        source = re.search(r"^# Source: moe-runtime/(\S+)$", doc, re.MULTILINE)
+        obj = yaml.safe_load(doc)
+        if obj and obj["kind"] == "Deployment":
+            component = obj["metadata"]["labels"]["app.kubernetes.io/component"]
+            sources.setdefault(component.split("-")[0], set()).add(source.group(1))
+    assert sources == {role: {f"templates/{role}-deployment.yaml"}
+                       for role in ("expert", "attention", "router", "gateway", "autoscaler")}
+
+
 # --- shards, planes -----------------------------------------------------------------------------
 
 def test_one_deployment_per_shard_spread_over_planes_with_placement_and_env(render):

@@ -1,4 +1,4 @@
-"""services/common: registry, load recorder, tensor codec, error interceptor, bootstrap."""
+"""services/common: Redis poller, registry, load recorder, tensor codec, error interceptor, bootstrap."""
 
 from __future__ import annotations
 
@@ -6,18 +6,21 @@ import argparse
 import logging
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import pytest
+import redis
 import torch
 
 from model.errors import InputError
 from services.common import errors, healthcheck, redis_store, settings, tensors
 from services.common.plan import Plan, PlanReplica
 from services.common.ports import free_port
+from services.common.redis_poller import REDIS_ERRORS, RedisPoller
 from services.common.redis_server import RedisServer
 from services.common.server import Service
 from support import wait_until
@@ -34,6 +37,62 @@ def store(redis_server, request):
 def expert_record(rid: str = "e0", experts=(0, 1)) -> redis_store.ReplicaRecord:
     return redis_store.ReplicaRecord(kind="expert", id=rid, endpoints={"grpc": "127.0.0.1:1"},
                                      experts=list(experts), shard="shard-0-1")
+
+
+# ---- redis poller -------------------------------------------------------------------------
+
+def test_redis_poller_logs_an_outage_once_each_way_and_counts_every_failed_call(caplog):
+    down = threading.Event()
+    down.set()
+    failures, successes = [], []
+
+    def poll():
+        with poller.attempt():
+            if down.is_set():
+                failures.append(1)
+                raise redis.ConnectionError("connection refused")
+            successes.append(1)
+
+    poller = RedisPoller("test-outage", poll, interval_s=0.01, while_down="testing")
+    counted_before = REDIS_ERRORS.labels("test-outage")._value.get()
+    caplog.set_level(logging.INFO, logger="moe.redis")
+    poller.start(immediately=True)
+    try:
+        wait_until(lambda: len(failures) >= 5, what="several failed polls")
+        assert poller.outage
+        down.clear()
+        wait_until(lambda: len(successes) >= 3, what="polls after recovery")
+        assert not poller.outage
+    finally:
+        poller.close()
+    lines = [r for r in caplog.records if r.name == "moe.redis"]
+    assert [r.getMessage() for r in lines] == ["redis unreachable", "redis reachable again"]
+    assert lines[0].kv["loop"] == "test-outage" and lines[0].kv["meanwhile"] == "testing"
+    assert lines[0].kv["error"] == "connection refused" and lines[1].kv["loop"] == "test-outage"
+    assert REDIS_ERRORS.labels("test-outage")._value.get() - counted_before == len(failures)
+
+
+def test_redis_poller_outlives_a_bug_in_its_poll_and_stops_at_once_on_close(caplog):
+    calls = []
+
+    def poll():
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("a bug")
+
+    poller = RedisPoller("test-bug", poll, interval_s=0.01, while_down="testing")
+    caplog.set_level(logging.INFO, logger="moe.redis")
+    poller.start(immediately=True)
+    wait_until(lambda: len(calls) >= 3, what="polls after the failing one")
+    poller.close()
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == ["poll failed"]
+    assert not poller.outage  # a bug is not a Redis outage
+
+    idle = RedisPoller("test-close", lambda: None, interval_s=60, while_down="testing").start()
+    started = time.monotonic()
+    idle.close()
+    assert time.monotonic() - started < 1.0
+    assert "test-close" not in [t.name for t in threading.enumerate()]
 
 
 # ---- registry ---------------------------------------------------------------------------
@@ -95,14 +154,14 @@ def test_heartbeat_reregisters_after_redis_restart_and_logs_outage_once(caplog):
         assert redis_store.list_replicas(client, keys)
         caplog.set_level(logging.INFO, logger="moe.redis")
         server.stop()
-        wait_until(lambda: registry.outage, what="outage detected")
+        wait_until(lambda: registry.poller.outage, what="outage detected")
         beats_failed_from = time.monotonic()
         wait_until(lambda: time.monotonic() - beats_failed_from > 0.4, what="several failed beats")
         server.start()  # same port, empty data
         wait_until(lambda: redis_store.list_replicas(client, keys), what="re-registration")
         messages = [r.getMessage() for r in caplog.records if r.name == "moe.redis"]
-        assert messages.count("redis unreachable, heartbeat will retry") == 1
-        assert "redis reachable again, re-registered" in messages
+        assert messages.count("redis unreachable") == 1
+        assert messages.count("redis reachable again") == 1
     finally:
         registry.stop()
         client.close()
@@ -157,11 +216,11 @@ def test_load_recorder_keeps_counting_through_outage_and_flushes_later():
     try:
         server.stop()
         recorder.add(3, {1: 10})
-        wait_until(lambda: recorder.outage, what="failed flush")
+        wait_until(lambda: recorder.poller.outage, what="failed flush")
         recorder.add(3, {1: 5})
         assert recorder.pending_tokens() == 15
         server.start()
-        wait_until(lambda: not recorder.outage and recorder.pending_tokens() == 0, what="late flush")
+        wait_until(lambda: not recorder.poller.outage and recorder.pending_tokens() == 0, what="late flush")
         window = redis_store.window_start()
         got = redis_store.read_load(client, keys, window, [3]) or redis_store.read_load(client, keys, window - 10, [3])
         assert got == {(3, 1): 15}
@@ -388,7 +447,7 @@ def test_settings_take_env_defaults_and_flags_override(monkeypatch):
         parser.parse_args([])
 
 
-def test_plan_orders_callers_plane_first_and_round_trips_proto():
+def test_plan_orders_callers_plane_first_and_round_trips_proto_and_json():
     replicas = {"a": PlanReplica("a", "h:1", plane=0), "b": PlanReplica("b", "h:2", "h:3", plane=1)}
     plan = Plan(version=4, n_routed_experts=2, layers={1: [["a", "b"], ["b"]]}, replicas=replicas,
                 missing=[], created_unix_ms=9)
@@ -396,7 +455,7 @@ def test_plan_orders_callers_plane_first_and_round_trips_proto():
     assert [r.id for r in plan.replicas_for(1, 0)] == ["a", "b"]
     assert plan.replicas_for(7, 0) == [] and plan.missing_among({(1, 1), (2, 0)}) == [(2, 0)]
     assert Plan.from_proto(plan.to_proto()) == plan
-    assert list(plan.to_proto(caller_plane=1).layers[0].experts[0].replica_ids) == ["b", "a"]
+    assert Plan.from_json(plan.to_json()) == plan
 
 
 def test_codec_fills_and_reads_the_moe_v1_tensor_message():

@@ -20,7 +20,8 @@ from services.attention.dispatch import DEAD_REPLICA_S, Dispatcher, LayerRoutes,
 from services.attention.worker import COMPILED_REMOTE_EXPERTS_TORCH
 from services.common.errors import Unavailable
 from services.common.plan import Plan, PlanReplica
-from services.transport.base import ExpertBatch, ReplicaUnavailable
+from services.wire.batch import ExpertBatch
+from services.wire.failures import ReplicaUnavailable
 
 LAYER = 1
 N_EXPERTS = 8
@@ -152,6 +153,20 @@ def test_an_expert_without_replica_fails_only_the_dispatches_that_touch_it():
         d.dispatch(LAYER, x, ids, weights)
     clear = torch.stack([torch.tensor([e for e in range(N_EXPERTS) if e != 5][:3])] * ids.shape[0])
     torch.testing.assert_close(d.combine(d.dispatch(LAYER, x, clear, weights)), expected(x, clear, weights))
+
+
+def test_remote_experts_in_an_eager_step_call_the_dispatcher_and_raise_its_failures_as_they_are(monkeypatch):
+    """Outside a compiled graph no custom operator (and no registry of dispatchers) is involved:
+    a step's failure is the dispatcher's own exception, without `failures_surfaced`."""
+    monkeypatch.setattr("services.attention.dispatch._dispatchers", {})  # an operator would find none
+    plan = plan_of([["a"] if e < 4 else ["b"] for e in range(N_EXPERTS)])
+    d, transport = dispatcher(plan)
+    experts = RemoteExperts(LAYER, d)
+    x, ids, weights = routing()
+    torch.testing.assert_close(experts.combine(experts.dispatch(x, ids, weights)), expected(x, ids, weights))
+    transport.replicas["b"].fail = True
+    with pytest.raises(Unavailable, match="kept failing after 3 attempts"):
+        experts.combine(experts.dispatch(x, ids, weights))
 
 
 @pytest.mark.slow

@@ -25,8 +25,10 @@ from services.common.server import build_server
 from services.expert.servicer import ExpertShardServicer
 from services.common.expert_ids import parse_expert_ids
 from services.expert.shard import ExpertShard
-from services.transport import ExpertBatch, ReplicaUnavailable, make_transport
+from services.transport import make_transport
 from services.transport.grpc_transport import GrpcExpertClient
+from services.wire.batch import ExpertBatch
+from services.wire.failures import ReplicaUnavailable
 from support import start_service, stop_process, wait_until
 
 HELD = [0, 2, 5, 7]

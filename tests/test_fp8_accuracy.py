@@ -12,7 +12,7 @@ from model.generate import Engine, GenerationRequest
 from model.moe import ExpertBank
 from services.client import Client
 from services.launcher.cluster import LocalCluster
-from services.transport.fp8 import decode_hidden, encode_hidden
+from services.wire.codec import decode_hidden, encode_hidden
 
 PROMPTS = [(1, 2, 3), (50, 60), (7,), (11, 12, 13, 14)]
 STEPS = 64

@@ -180,7 +180,7 @@ def test_fp8_checkpoint_runs_its_experts_as_fp8_gemms(fp8_ready_checkpoint, tmp_
     import argparse
 
     from model.fp8_gemm import quantize_1x128
-    from services.commands import convert
+    from services.cli import convert
 
     convert.run(argparse.Namespace(src=str(fp8_ready_checkpoint), dst=str(tmp_path / "fp8"), fp8=True))
     kept = load_model(tmp_path / "fp8", dtype="float32", device="cuda")  # auto: stays FP8

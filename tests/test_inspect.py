@@ -7,7 +7,7 @@ import json
 import pytest
 
 from services.cli import main
-from services.commands.inspect import parameter_count
+from services.cli.inspect import parameter_count
 
 
 def inspect(capsys, *argv: str) -> str:

@@ -18,9 +18,10 @@ from safetensors.torch import save_file
 
 from services.client import Client
 from services.common.cpus import available_cpus, deal_cpus
+from services.common.supervisor import pid_alive
 from services.launcher.cluster import ClusterError, LocalCluster, expert_plane, visible_gpus
 from services.launcher.preflight import check_device, split_experts
-from services.launcher.processes import cluster_pids, pid_alive
+from services.launcher.processes import cluster_pids
 
 pytestmark = pytest.mark.cluster
 

@@ -13,8 +13,11 @@ import pytest
 import torch
 
 from services.common.errors import InvalidArgument
-from services.transport import fp8, ucx_framing as wire
-from services.transport.base import ExpertBatch, ReplicaUnavailable, make_transport
+from services.transport import ucx_framing as wire
+from services.transport.base import make_transport
+from services.wire import codec
+from services.wire.batch import ExpertBatch
+from services.wire.failures import ReplicaUnavailable
 from services.transport.ucx_transport import UcxTransport, ucx_available
 
 UCX_OK, UCX_REASON = ucx_available()
@@ -42,7 +45,7 @@ def _scaled_by_weight_sum(batch: ExpertBatch) -> torch.Tensor:
     if batch.layer == LAYER_THAT_IS_SLOW:
         time.sleep(SLOW_S)
     out_dtype = torch.float32 if batch.hidden.dtype == torch.float8_e4m3fn else batch.hidden.dtype
-    x = fp8.decode_hidden(batch.hidden, batch.hidden_scales, torch.float32)
+    x = codec.decode_hidden(batch.hidden, batch.hidden_scales, torch.float32)
     return (x * batch.weights.sum(-1, keepdim=True)).to(out_dtype)
 
 
@@ -285,7 +288,7 @@ def test_frame_layout_puts_small_sections_inline_and_large_ones_in_tails():
     small = wire.encode_request(7, 3, torch.zeros(4, 8, dtype=torch.int32), torch.ones(4, 8),
                                 torch.ones(4, 64), None, torch.float32)
     assert small.tails == [] and small.head.nbytes <= wire.HEADER.size + wire.INLINE_LIMIT
-    q, scales = fp8.quantize_1x128(torch.randn(100, 7168))
+    q, scales = codec.quantize_1x128(torch.randn(100, 7168))
     big = wire.encode_request(8, 3, torch.zeros(100, 8, dtype=torch.int32), torch.ones(100, 8), q, scales,
                               torch.bfloat16)
     assert [t.numel() for t in big.tails] == [100 * 7168]

@@ -15,7 +15,8 @@ import sys
 from model.config import ModelConfig
 from model.errors import ModelError
 from moe.v1 import inference_pb2, inference_pb2_grpc
-from services.attention.servicer import InferenceServicer, InferenceSessionServicer, StreamHub
+from services.attention.servicer import InferenceServicer, InferenceSessionServicer
+from services.attention.streams import StreamHub
 from services.attention.worker import AttentionWorker, PlanWatcher
 from services.common import redis_store, settings
 from services.common.cpus import parse_cpus, pin_process
@@ -24,7 +25,8 @@ from services.common.memory import keep_freed_memory
 from services.common.expert_ids import parse_expert_ids
 from services.common.redis_store import Keys, LoadRecorder, ReplicaRecord
 from services.common.server import Service
-from services.transport.base import DISPATCH_DTYPES, TRANSPORT_CHOICES, make_transport
+from services.transport.base import TRANSPORT_CHOICES, make_transport
+from services.wire.dtypes import DISPATCH_DTYPES
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 SESSION_SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceSession"].full_name

@@ -30,7 +30,10 @@ from services.common.errors import ServiceError, Unavailable
 from services.common.logging import event, get_logger
 from services.common.plan import Plan, PlanReplica, format_pairs
 from services.common.redis_store import LoadRecorder
-from services.transport.base import ExpertBatch, ReplicaUnavailable, Transport
+from services.transport.base import Transport
+from services.wire.batch import ExpertBatch
+from services.wire.dtypes import hidden_bytes_per_token
+from services.wire.failures import ReplicaUnavailable
 
 log = get_logger("attention.dispatch")
 
@@ -40,7 +43,6 @@ COMBINE_WAIT = Histogram("moe_attention_combine_wait_seconds", "Time a MoE layer
 PLANE_BYTES = Counter("moe_dispatch_plane_bytes_total",
                       "Hidden-state bytes dispatched (in the dispatch dtype), by whether they cross network planes",
                       ["crossing"])
-WIRE_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}  # per hidden value; fp8 scales are 1/128 of that more
 DEAD_REPLICA_S = 10.0  # how long a replica that failed is avoided, unless a new plan says otherwise
 
 
@@ -170,7 +172,7 @@ class Dispatcher:
         self._routes_key: tuple = ()
         self._turn = itertools.count()
         self._lock = threading.Lock()
-        self._parked: dict[int, Pending] = {}  # layer -> work dispatched through `dispatch_experts`
+        self._parked: dict[int, Pending] = {}  # layer -> work a compiled graph dispatched (`dispatch_experts`)
         self._rehearsing = False
         self._failure: ServiceError | None = None  # the last one raised inside `park` or `redeem`
         self.wait_seconds = 0.0  # accumulated combine wait, read by the scheduler for step splits
@@ -246,7 +248,9 @@ class Dispatcher:
                 weights=torch.from_numpy(np.where(part_slots, weights, np.float32(0.0))),
             )
             crossing = "cross_plane" if replica.plane != self.plans.plane else "same_plane"
-            PLANE_BYTES.labels(crossing).inc(batch.hidden.numel() * WIRE_BYTES[self.transport.dispatch_dtype])
+            tokens, hidden_size = batch.hidden.shape
+            PLANE_BYTES.labels(crossing).inc(
+                tokens * hidden_bytes_per_token(hidden_size, self.transport.dispatch_dtype, with_scales=False))
             try:
                 future = self._client(replica).submit(batch, self.timeout_s)
             except ReplicaUnavailable as err:
@@ -315,9 +319,10 @@ class Dispatcher:
         return out.to(pending.x.dtype)
 
     def park(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> int:
-        """`dispatch`, keeping the pending work for `redeem(layer)`. One engine steps one batch
-        at a time, so a layer has at most one dispatch in flight; a step that failed between
-        the two leaves its pending work to be replaced by the next one's."""
+        """`dispatch` for a compiled graph, whose operators pass tensors and numbers only: the
+        pending work is kept for `redeem(layer)`. One engine steps one batch at a time, so a
+        layer has at most one dispatch in flight; a step that failed between the two leaves its
+        pending work to be replaced by the next one's."""
         try:
             self._parked[layer] = self.dispatch(layer, x, ids, weights)
         except ServiceError as err:
@@ -362,7 +367,8 @@ def _failed(err: Exception):
     return future
 
 
-# Dispatchers by id, for the custom ops below: an op's arguments are tensors and numbers only.
+# Dispatchers by id, for the custom ops below (compiled graphs only): an op's arguments are
+# tensors and numbers only.
 _dispatchers: weakref.WeakValueDictionary[int, Dispatcher] = weakref.WeakValueDictionary()
 _dispatcher_ids = itertools.count()
 
@@ -393,20 +399,25 @@ def _(ticket, x, dispatcher):
 
 
 class RemoteExperts(nn.Module):
-    """Drop-in for a MoE block's `ExpertBank`: the same dispatch/combine, served remotely,
-    through custom operators so that a compiled decode step keeps them as calls into Python
-    (see `CompiledDecoder`)."""
+    """Drop-in for a MoE block's `ExpertBank`: the same dispatch/combine, served remotely. An
+    eager step calls the dispatcher; a graph being compiled (`CompiledDecoder`) calls it through
+    the custom operators above, which torch.compile keeps as calls into Python."""
 
     traceable = True
 
     def __init__(self, layer: int, dispatcher: Dispatcher):
         super().__init__()
         self.layer = layer
+        self.dispatcher = dispatcher
         self.dispatcher_id = dispatcher.id
 
-    def dispatch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return dispatch_experts(x, ids, weights, self.dispatcher_id, self.layer), x
+    def dispatch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> object:
+        if torch.compiler.is_compiling():
+            return dispatch_experts(x, ids, weights, self.dispatcher_id, self.layer), x
+        return self.dispatcher.dispatch(self.layer, x, ids, weights)
 
-    def combine(self, handle: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        ticket, x = handle
-        return combine_experts(ticket, x, self.dispatcher_id)
+    def combine(self, handle: object) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            ticket, x = handle
+            return combine_experts(ticket, x, self.dispatcher_id)
+        return self.dispatcher.combine(handle)

@@ -1,10 +1,8 @@
 """moe.v1.Inference and moe.v1.InferenceSession on an attention worker (grpc.aio): protobuf <->
-scheduler calls, nothing more.
+scheduler calls through the `StreamHub` (services/attention/streams.py), nothing more.
 
-The scheduler's step thread publishes each step's events in one call; `StreamHub.publish` hands
-them to the server's event loop with one wake-up, where each goes to the sink of its request: a
-Generate call's queue, or an InferenceSession stream (the gateway's), whose events of one step
-leave as one message.
+A Generate call's sink is a queue its handler awaits; an InferenceSession (the gateway's) is the
+sink of all of its streams, and their events of one step leave as one message.
 """
 
 from __future__ import annotations
@@ -12,15 +10,14 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Protocol
-
 import grpc
 
 from model.generate import GenerationRequest, SamplingParams
 from moe.v1 import inference_pb2, inference_pb2_grpc
-from services.attention.scheduler import REQUESTS, Event, RequestHandle
+from services.attention.scheduler import RequestHandle
+from services.attention.streams import StreamHub
 from services.attention.worker import AttentionWorker
-from services.common.errors import InvalidArgument, ResourceExhausted, reported_status
+from services.common.errors import InvalidArgument, reported_status
 from services.common.logging import event, get_logger
 
 log = get_logger("attention")
@@ -90,55 +87,6 @@ def error_response(request_id: str, err: Exception, method: str) -> inference_pb
     code, message = reported_status(err, method)
     return inference_pb2.GenerateResponse(request_id=request_id,
                                           error=inference_pb2.Error(code=code.name, message=message))
-
-
-class Sink(Protocol):
-    def deliver(self, handle: RequestHandle, kind: str, payload: object) -> None: ...
-
-    def flush(self) -> None: ...
-
-
-class StreamHub:
-    """The requests this worker's calls have open, each with the sink its events go to."""
-
-    def __init__(self, worker: AttentionWorker, loop: asyncio.AbstractEventLoop, max_streams: int):
-        """loop: the event loop the server runs its calls on; max_streams: requests served at
-        once over all calls, queued ones included (past it, RESOURCE_EXHAUSTED)."""
-        self.worker, self.loop, self.max_streams = worker, loop, max_streams
-        self._sinks: dict[RequestHandle, Sink] = {}
-
-    def publish(self, events: list[Event]) -> None:
-        """Called by the scheduler's step thread."""
-        self.loop.call_soon_threadsafe(self._fan_out, events)
-
-    def _fan_out(self, events: list[Event]) -> None:
-        touched: dict[Sink, None] = {}  # in order of first event
-        for handle, kind, payload in events:
-            sink = self._sinks.get(handle)
-            if sink is None:  # the call already ended (cancelled by its client)
-                continue
-            if kind != "token":
-                del self._sinks[handle]
-            sink.deliver(handle, kind, payload)
-            touched[sink] = None
-        for sink in touched:
-            sink.flush()
-
-    def submit(self, gen: GenerationRequest, deadline: float | None, sink: Sink) -> RequestHandle:
-        if len(self._sinks) >= self.max_streams:
-            REQUESTS.labels("resource_exhausted").inc()
-            raise ResourceExhausted(f"worker is serving its limit of {self.max_streams} streams (--max-streams); "
-                                    "retry later or on another worker")
-        handle = self.worker.scheduler.submit(gen, deadline)
-        self._sinks[handle] = sink
-        event(log, "generate started", request_id=gen.request_id, prompt_tokens=len(gen.prompt),
-              max_new_tokens=gen.max_new_tokens)
-        return handle
-
-    def drop(self, handle: RequestHandle) -> None:
-        """The caller is gone: stop the request now (frees its KV cache) unless it already ended."""
-        if self._sinks.pop(handle, None) is not None:
-            self.worker.scheduler.cancel(handle)
 
 
 class _CallSink:

@@ -4,7 +4,6 @@ and routed experts served by remote shards through the routing plan (and any it 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 import redis
@@ -21,6 +20,7 @@ from services.attention.scheduler import Scheduler
 from services.common.expert_ids import format_id_list
 from services.common.logging import event, get_logger
 from services.common.plan import Plan
+from services.common.redis_poller import RedisPoller
 from services.common.redis_store import Keys, LoadRecorder, read_plan
 from services.transport.base import Transport
 
@@ -31,43 +31,32 @@ COMPILED_REMOTE_EXPERTS_TORCH = "2.13"
 
 
 class PlanWatcher:
-    """Polls Redis for a new plan version; when Redis is away the last plan stays in use."""
+    """Reads the routing plan the router writes to Redis, every `interval_s` (a `RedisPoller`);
+    while Redis is away the last plan stays in use."""
 
     def __init__(self, client: redis.Redis, keys: Keys, holder: PlanHolder, interval_s: float = 0.5):
-        self.client, self.keys, self.holder, self.interval_s = client, keys, holder, interval_s
+        self.client, self.keys, self.holder = client, keys, holder
         self.version = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="plan-watch", daemon=True)
-        self._outage = False
+        self.poller = RedisPoller("plan-watch", self.poll, interval_s=interval_s, while_down="serving on the last plan")
 
     def poll(self) -> None:
-        try:
+        with self.poller.attempt():
             found = read_plan(self.client, self.keys)
-        except redis.RedisError as err:
-            if not self._outage:
-                event(log, "redis unreachable, serving on the last plan", level=logging.WARNING,
-                      version=self.version, error=str(err))
-            self._outage = True
+        if self.poller.outage:
             return
-        if self._outage:
-            event(log, "redis reachable again", version=self.version)
-            self._outage = False
         if found is not None and found[0] != self.version:
             self.holder.set(Plan.from_json(found[1]))
             self.version = found[0]
             event(log, "plan updated", version=self.version)
 
     def start(self) -> "PlanWatcher":
+        """Read the plan now, then every interval on the poller's thread."""
         self.poll()
-        self._thread.start()
+        self.poller.start()
         return self
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.poll()
-
     def stop(self) -> None:
-        self._stop.set()
+        self.poller.close()
 
 
 class AttentionWorker:

@@ -1,1 +1,1 @@
-"""Autoscaler: per-expert-shard replica decisions from Redis load (README, "Autoscaling expert shards")."""
+"""Autoscaler: per-expert-shard replica decisions from Redis load (docs/autoscaling.md)."""

@@ -11,7 +11,7 @@ Targets (MOE_AUTOSCALER_TARGETS or --targets; JSON, or @path to a JSON file):
 
 `shard` is the name replicas register with (--shard / MOE_SHARD_NAME); `deployment` the
 Deployment the Kubernetes actuator scales; `experts` the shard's logical ids ("0-7", "0,2,5",
-"0-3,8-11" or a JSON list). Unknown keys fail at start. See the README, "Autoscaling expert shards".
+"0-3,8-11" or a JSON list). Unknown keys fail at start. See docs/autoscaling.md.
 
 Redis down: the last decision stands (nothing is changed), logged once, retried each interval.
 SIGTERM/SIGINT: stop the loop; the local actuator stops every replica it started; exit 0.
@@ -20,7 +20,6 @@ SIGTERM/SIGINT: stop the loop; the local actuator stops every replica it started
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 import threading
@@ -43,6 +42,7 @@ from services.autoscaler.policy import (
 )
 from services.common import redis_store, settings
 from services.common.logging import configure_logging, event, get_logger
+from services.common.redis_poller import RedisPoller
 from services.common.redis_store import LOAD_WINDOW_S, SERVING, Keys, ReplicaRecord, window_start
 from services.common.server import start_metrics_server
 
@@ -98,26 +98,21 @@ class Autoscaler:
         self.dry_run = dry_run
         self.decisions: dict[str, Decision] = {}
         self._logged: dict[str, tuple[int, int]] = {}
-        self._redis_down = False
+        self.poller = RedisPoller("autoscaler", self.tick, interval_s=interval_s,
+                                  while_down="keeping the last decision")
         self._stop = threading.Event()
 
     def tick(self, now: float | None = None) -> dict[str, Decision]:
         """One round; returns this round's decisions (empty when Redis was unreachable)."""
         now = time.time() if now is None else now
-        try:
+        with self.poller.attempt():
             records = [r for r in redis_store.list_replicas(self.client, self.keys, "expert") if r.state == SERVING]
             by_shard = {s.name: [r for r in records if r.shard == s.name] for s in self.specs}
             loads = read_shard_load(self.client, self.keys, self.specs, now, self.windows,
                                     {name: len(rs) for name, rs in by_shard.items()})
-        except redis.RedisError as err:
+        if self.poller.outage:
             REDIS_ERRORS.inc()
-            if not self._redis_down:
-                event(log, "redis unreachable, keeping the last decision", level=logging.WARNING, error=str(err))
-            self._redis_down = True
             return {}
-        if self._redis_down:
-            event(log, "redis reachable again")
-        self._redis_down = False
 
         out = {}
         for spec in self.specs:
@@ -149,16 +144,13 @@ class Autoscaler:
             self._logged.pop(spec.name, None)
 
     def run(self) -> None:
+        """Tick now and every interval on the poller's thread, until `stop`."""
         event(log, "autoscaler running", shards=",".join(s.name for s in self.specs), interval_s=self.interval_s,
               target_tokens_per_replica=self.policy.target, stabilisation_s=self.policy.stabilisation_s,
               dry_run=self.dry_run or None)
-        while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                self.tick()
-            except Exception as err:  # noqa: BLE001 - one bad round must not end autoscaling
-                event(log, "autoscaler round failed", level=logging.ERROR, error=str(err), exc_info=True)
-            self._stop.wait(max(0.0, self.interval_s - (time.monotonic() - started)))
+        self.poller.start(immediately=True)
+        self._stop.wait()
+        self.poller.close()
 
     def stop(self) -> None:
         self._stop.set()

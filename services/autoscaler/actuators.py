@@ -13,10 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import ssl
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -30,6 +27,15 @@ from services.autoscaler.policy import ShardSpec
 from services.common.expert_ids import format_id_list
 from services.common.logging import event, get_logger
 from services.common.redis_store import ReplicaRecord
+from services.common.supervisor import (
+    DEFAULT_GRACE_S,
+    EXPERT_PROGRAM,
+    Child,
+    expert_replica_command,
+    reap,
+    start_child,
+    wait_or_kill,
+)
 
 log = get_logger("autoscaler")
 
@@ -163,33 +169,25 @@ class KubernetesActuator:
 # ---- local processes ------------------------------------------------------------------------
 
 @dataclass
-class _Child:
-    replica_id: str
-    process: subprocess.Popen
-    log_path: Path
-    stop_deadline: float | None = None       # set once SIGTERM was sent
-
-
-@dataclass
 class LocalActuator:
     """Runs expert replicas as child processes of the autoscaler (clusters on one machine).
 
-    Replica k of shard S runs `python -m services.expert --model M --experts E --shard S
-    --replica-id <S>-as<pid>-<k> --port 0 --metrics-port 0 --host 127.0.0.1 --redis-url U
-    --cluster C --plane 0 [extra_args]`, its log in `<run_dir>/<replica-id>.log`. Replicas of
-    the shard that someone else started (the launcher) count towards `current` but are never
-    stopped: only our own children are. Scale-down stops the newest child (SIGTERM, SIGKILL after
-    `grace_s`) without blocking the loop; `close` stops every child and waits."""
+    Replica k of shard S runs `python -m services.expert --model M --cluster C --redis-url U
+    --host 127.0.0.1 --port 0 --metrics-port 0 --experts E --shard S --replica-id <S>-as<pid>-<k>
+    --plane 0 [extra_args]`, its log in `<run_dir>/<replica-id>.log`. Replicas of the shard that
+    someone else started (the launcher) count towards `current` but are never stopped: only our
+    own children are. Scale-down stops the newest child (SIGTERM, SIGKILL after `grace_s`)
+    without blocking the loop; `close` stops every child and waits."""
 
     model: str
     redis_url: str
     cluster: str
     run_dir: Path
     host: str = "127.0.0.1"
-    grace_s: float = 15.0
+    grace_s: float = DEFAULT_GRACE_S
     extra_args: Sequence[str] = ()
-    command: Sequence[str] | None = None      # replaces [python, -m, services.expert] (tests)
-    children: dict[str, list[_Child]] = field(default_factory=dict)
+    command: Sequence[str] = EXPERT_PROGRAM   # tests run a stand-in
+    children: dict[str, list[Child]] = field(default_factory=dict)
     errors: _ErrorLog = field(default_factory=_ErrorLog)
     _counter: int = 0
 
@@ -198,36 +196,33 @@ class LocalActuator:
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def argv(self, spec: ShardSpec, replica_id: str) -> list[str]:
-        base = list(self.command) if self.command else [sys.executable, "-m", "services.expert"]
-        return [*base, "--model", str(self.model), "--experts", format_id_list(spec.experts), "--shard", spec.name,
-                "--replica-id", replica_id, "--port", "0", "--metrics-port", "0", "--host", self.host,
-                "--redis-url", self.redis_url, "--cluster", self.cluster, "--plane", "0", *self.extra_args]
+        return [*expert_replica_command(program=self.command, model=self.model, experts=format_id_list(spec.experts),
+                                        shard=spec.name, replica_id=replica_id, cluster=self.cluster,
+                                        redis_url=self.redis_url, host=self.host),
+                *self.extra_args]
 
-    def _reap(self, shard: str) -> list[_Child]:
+    def _reap(self, shard: str) -> list[Child]:
         """Drop exited children (logging unexpected exits), SIGKILL those past their grace."""
-        alive = []
-        for child in self.children.get(shard, []):
-            code = child.process.poll()
-            if code is not None:
-                if child.stop_deadline is None:
-                    event(log, "replica exited on its own", level=logging.WARNING, shard=shard,
-                          replica=child.replica_id, pid=child.process.pid, status=code, log=str(child.log_path))
-                continue
-            if child.stop_deadline is not None and time.monotonic() > child.stop_deadline:
-                event(log, "replica ignored SIGTERM, killing", level=logging.WARNING, shard=shard,
-                      replica=child.replica_id, pid=child.process.pid)
-                child.process.kill()
-            alive.append(child)
-        self.children[shard] = alive
-        return alive
 
-    def running(self, shard: str) -> list[_Child]:
+        def exited(child: Child, status: int) -> None:
+            if not child.stopping:
+                event(log, "replica exited on its own", level=logging.WARNING, shard=shard,
+                      replica=child.name, pid=child.process.pid, status=status, log=str(child.log_path))
+
+        def killed(child: Child) -> None:
+            event(log, "replica ignored SIGTERM, killing", level=logging.WARNING, shard=shard,
+                  replica=child.name, pid=child.process.pid)
+
+        self.children[shard] = reap(self.children.get(shard, []), exited=exited, killed=killed)
+        return self.children[shard]
+
+    def running(self, shard: str) -> list[Child]:
         """Our children of `shard` that are running and not being stopped."""
-        return [c for c in self._reap(shard) if c.stop_deadline is None]
+        return [c for c in self._reap(shard) if not c.stopping]
 
     def current(self, spec: ShardSpec, live: Sequence[ReplicaRecord] = ()) -> int | None:
         ours = self.running(spec.name)
-        ids = {c.replica_id for c in self.children.get(spec.name, [])}
+        ids = {c.name for c in self.children.get(spec.name, [])}
         foreign = [r for r in live if r.shard == spec.name and r.id not in ids]
         return len(ours) + len(foreign)
 
@@ -253,34 +248,26 @@ class LocalActuator:
         log_path = self.run_dir / f"{replica_id}.log"
         argv = self.argv(spec, replica_id)
         try:
-            with open(log_path, "ab") as out:
-                process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                           start_new_session=True)
+            process = start_child(argv, log_path)
         except OSError as err:
             self.errors.failed(spec.name, "spawn", "could not start replica", argv=" ".join(argv), error=str(err))
             return False
         self.errors.ok(spec.name)
-        self.children.setdefault(spec.name, []).append(_Child(replica_id, process, log_path))
+        self.children.setdefault(spec.name, []).append(Child(replica_id, process, log_path))
         event(log, "replica started", shard=spec.name, replica=replica_id, pid=process.pid, log=str(log_path))
         return True
 
-    def _terminate(self, shard: str, child: _Child) -> None:
-        if child.process.poll() is None:
-            child.process.send_signal(signal.SIGTERM)
-        child.stop_deadline = time.monotonic() + self.grace_s
-        event(log, "replica stopping", shard=shard, replica=child.replica_id, pid=child.process.pid)
+    def _terminate(self, shard: str, child: Child) -> None:
+        child.terminate(self.grace_s)
+        event(log, "replica stopping", shard=shard, replica=child.name, pid=child.process.pid)
 
     def close(self) -> None:
         """SIGTERM every child we started, SIGKILL whichever outlives the grace, wait for all."""
         everyone = [(shard, c) for shard, kids in self.children.items() for c in kids]
         for shard, child in everyone:
-            if child.stop_deadline is None:
+            if not child.stopping:
                 self._terminate(shard, child)
         deadline = time.monotonic() + self.grace_s
         for _shard, child in everyone:
-            try:
-                child.process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.process.kill()
-                child.process.wait(5.0)
+            wait_or_kill(child.process, deadline - time.monotonic())
         self.children.clear()

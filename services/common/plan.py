@@ -1,10 +1,10 @@
 """The routing plan as a Python value, and its moe.v1.Plan wire/JSON forms.
 
-The router builds it (services/router/placement.py); workers fetch it over gRPC (`Router.GetPlan`,
-`Router.WatchPlan`) or read it from Redis (`redis_store.read_plan` -> `Plan.from_json`) and look
-replicas up per (layer, logical expert):
+The router builds it (services/router/placement.py) and writes it to Redis; workers read it from
+there (`redis_store.read_plan` -> `Plan.from_json`) and look replicas up per (layer, logical expert):
 
-    plan = Plan.from_proto(router_stub.GetPlan(router_pb2.GetPlanRequest(caller_plane=0)))
+    version, payload = redis_store.read_plan(client, keys)
+    plan = Plan.from_json(payload).ordered_for_plane(my_plane)
     for replica in plan.replicas_for(layer, expert):    # preference order
         dial(replica.grpc or replica.ucx)
 """
@@ -70,18 +70,17 @@ class Plan:
                 and self.missing == other.missing)
 
     # ---- wire forms -----------------------------------------------------------------------
-    def to_proto(self, caller_plane: int | None = None) -> router_pb2.Plan:
-        plan = self.ordered_for_plane(caller_plane)
-        msg = router_pb2.Plan(version=plan.version, n_routed_experts=plan.n_routed_experts,
-                              created_unix_ms=plan.created_unix_ms)
-        for layer in sorted(plan.layers):
+    def to_proto(self) -> router_pb2.Plan:
+        msg = router_pb2.Plan(version=self.version, n_routed_experts=self.n_routed_experts,
+                              created_unix_ms=self.created_unix_ms)
+        for layer in sorted(self.layers):
             lp = msg.layers.add(layer=layer)
-            for ids in plan.layers[layer]:
+            for ids in self.layers[layer]:
                 lp.experts.add(replica_ids=ids)
-        for rid, r in plan.replicas.items():
+        for rid, r in self.replicas.items():
             msg.replicas[rid].CopyFrom(router_pb2.PlanReplica(
                 id=r.id, endpoints=router_pb2.Endpoints(grpc=r.grpc, ucx=r.ucx), plane=r.plane, shard=r.shard))
-        for layer, expert in plan.missing:
+        for layer, expert in self.missing:
             msg.missing.add(layer=layer, expert=expert)
         return msg
 

@@ -23,6 +23,7 @@ import redis
 from prometheus_client import Counter
 
 from services.common.logging import event, get_logger
+from services.common.redis_poller import RedisPoller
 
 log = get_logger("redis")
 
@@ -145,11 +146,11 @@ def set_replica_state(client: redis.Redis, keys: Keys, kind: str, replica_id: st
 
 
 class Registry:
-    """Registers one replica and keeps it alive with a heartbeat thread.
+    """Registers one replica and keeps it alive with a heartbeat (a `RedisPoller`).
 
     The heartbeat refreshes the TTL (EXPIRE) so a state written by someone else (the router marking
     the replica draining) survives; when the key is gone (expired, or Redis restarted empty) it
-    writes the full record again. Redis outages are logged once each, not per beat.
+    writes the full record again.
     """
 
     def __init__(self, client: redis.Redis, keys: Keys, record: ReplicaRecord, *,
@@ -158,12 +159,10 @@ class Registry:
         self.keys = keys
         self.record = record
         self.ttl_ms = int(ttl_s * 1000)
-        self.interval_s = interval_s
         self.key = keys.replica(record.kind, record.id)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.poller = RedisPoller("heartbeat", self.heartbeat, interval_s=interval_s,
+                                  while_down="the heartbeat retries; the record expires by its TTL")
         self._lock = threading.Lock()
-        self.outage = False
         self.beats = 0
 
     def register(self) -> None:
@@ -173,43 +172,25 @@ class Registry:
 
     def heartbeat(self) -> bool:
         """One beat; True when the record is alive in Redis afterwards."""
-        try:
+        with self.poller.attempt():
             with self._lock:
                 if not self.client.pexpire(self.key, self.ttl_ms):
                     self.client.set(self.key, self.record.to_json(), px=self.ttl_ms)
-                    if not self.outage and self.beats:
+                    if not self.poller.outage and self.beats:
                         event(log, "registry record was gone, re-registered", key=self.key)
-        except redis.RedisError as err:
-            if not self.outage:
-                event(log, "redis unreachable, heartbeat will retry", level=logging.WARNING,
-                      key=self.key, error=str(err))
-            self.outage = True
-            return False
-        if self.outage:
-            event(log, "redis reachable again, re-registered", key=self.key)
-        self.outage = False
-        self.beats += 1
-        return True
+            self.beats += 1
+        return not self.poller.outage
 
     def start(self) -> "Registry":
-        """Register (best effort) and start the heartbeat thread.
+        """Register (best effort) and start the heartbeat.
 
         The first write replaces the record: a record left by a dead predecessor with the same id
         (killed before it could deregister) must not survive with its old endpoints."""
-        try:
+        with self.poller.attempt():
             self.register()
             self.beats += 1
-        except redis.RedisError as err:
-            event(log, "redis unreachable, heartbeat will register", level=logging.WARNING,
-                  key=self.key, error=str(err))
-            self.outage = True
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{self.record.id}", daemon=True)
-        self._thread.start()
+        self.poller.start()
         return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.heartbeat()
 
     def set_state(self, state: str) -> None:
         """Change our own state (e.g. draining on SIGTERM) and write it now (best effort)."""
@@ -220,10 +201,8 @@ class Registry:
             event(log, "could not write state", level=logging.WARNING, state=state, error=str(err))
 
     def stop(self) -> None:
-        """Stop the heartbeat thread without deleting the record (it expires by TTL)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(self.interval_s + 1.0)
+        """Stop the heartbeat without deleting the record (it expires by TTL)."""
+        self.poller.close()
 
     def deregister(self) -> None:
         """Stop the heartbeat and delete the record (best effort)."""
@@ -285,7 +264,7 @@ def read_load(client: redis.Redis, keys: Keys, window: int, layers: Iterable[int
 
 
 class LoadRecorder:
-    """Counts tokens per (layer, expert) in memory; a thread flushes them every second.
+    """Counts tokens per (layer, expert) in memory; a `RedisPoller` flushes them every second.
 
     `add` is a dict update under a lock: no I/O on the caller's path. A failed flush keeps the
     counts and retries; counts older than the key expiry are dropped (moe_load_tokens_dropped_total).
@@ -297,13 +276,11 @@ class LoadRecorder:
         self.keys = keys
         self.window_s = window_s
         self.expire_s = expire_s
-        self.flush_interval_s = flush_interval_s
         self._pending: dict[tuple[int, int, int], int] = {}  # (window, layer, expert) -> tokens
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.outage = False
+        self.poller = RedisPoller("load-recorder", self.flush, interval_s=flush_interval_s,
+                                  while_down="keeping the counts to flush later")
 
     def add(self, layer: int, counts: Mapping[int, int] | Iterable[int], now: float | None = None) -> None:
         """Add tokens for `layer`: {expert: tokens}, or per-expert counts indexed by expert id."""
@@ -327,27 +304,22 @@ class LoadRecorder:
                 batch, self._pending = self._pending, {}
             if not batch:
                 return True
-            try:
-                pipe = self.client.pipeline(transaction=False)
-                touched = set()
-                for (window, layer, expert), tokens in batch.items():
-                    key = self.keys.load(window, layer)
-                    pipe.hincrby(key, str(expert), tokens)
-                    touched.add(key)
-                for key in touched:
-                    pipe.expire(key, self.expire_s)
-                pipe.execute()
-            except redis.RedisError as err:
-                LOAD_FLUSH_FAILURES.inc()
-                if not self.outage:
-                    event(log, "load flush failed, keeping counts", level=logging.WARNING, error=str(err))
-                self.outage = True
-                self._requeue(batch, now)
-                return False
-            if self.outage:
-                event(log, "load flush recovered")
-            self.outage = False
-            return True
+            with self.poller.attempt():
+                try:
+                    pipe = self.client.pipeline(transaction=False)
+                    touched = set()
+                    for (window, layer, expert), tokens in batch.items():
+                        key = self.keys.load(window, layer)
+                        pipe.hincrby(key, str(expert), tokens)
+                        touched.add(key)
+                    for key in touched:
+                        pipe.expire(key, self.expire_s)
+                    pipe.execute()
+                except redis.RedisError:
+                    LOAD_FLUSH_FAILURES.inc()
+                    self._requeue(batch, now)
+                    raise
+            return not self.poller.outage
 
     def _requeue(self, batch: dict[tuple[int, int, int], int], now: float | None) -> None:
         oldest = window_start(now, self.window_s) - self.expire_s
@@ -362,17 +334,10 @@ class LoadRecorder:
             LOAD_DROPPED.inc(dropped)
 
     def start(self) -> "LoadRecorder":
-        self._thread = threading.Thread(target=self._run, name="load-recorder", daemon=True)
-        self._thread.start()
+        self.poller.start()
         return self
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.flush_interval_s):
-            self.flush()
-
     def stop(self, flush: bool = True) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(self.flush_interval_s + 3.0)
+        self.poller.close()
         if flush:
             self.flush()

@@ -18,49 +18,39 @@ import torch
 
 from moe.v1 import expert_pb2, expert_pb2_grpc
 from services.common import tensors
-from services.common.errors import InvalidArgument, Unavailable, status_for
+from services.common.errors import InvalidArgument, Unavailable
 from services.common.logging import event, get_logger
 from services.expert.shard import ExpertShard
-from services.transport.base import ExpertBatch
+from services.wire.batch import FIELD_DTYPES, ExpertBatch
+from services.wire.dtypes import REPLY_DTYPES, dispatch_dtype_of, reply_dtype
+from services.wire.failures import replica_status
 
 log = get_logger("expert")
 
 SERVICE_NAME = expert_pb2.DESCRIPTOR.services_by_name["ExpertShard"].full_name
-HIDDEN_DTYPES = ("float32", "bfloat16", "float8_e4m3fn")
-OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _END = object()    # the caller half-closed, or the call ended
 _STOP = object()   # the server is stopping: finish in-flight frames, then end the stream
 
 
 def decode_request(request: expert_pb2.ExpertRequest) -> tuple[ExpertBatch, torch.dtype]:
-    """ExpertRequest -> (ExpertBatch, output dtype); InvalidArgument names the bad field."""
+    """ExpertRequest -> (ExpertBatch, reply dtype); InvalidArgument names the bad field. Each
+    tensor is read in one of the dtypes its field may have (services.wire.batch.FIELD_DTYPES);
+    the shard validates the rest."""
     for name in ("hidden", "expert_ids", "weights"):
         if not request.HasField(name):
             raise InvalidArgument(f"{name} is missing")
-    hidden = tensors.decode(request.hidden, field="hidden", allowed=HIDDEN_DTYPES, expect_shape=(None, None))
-    scales = None
-    if request.HasField("hidden_scales"):
-        scales = tensors.decode(request.hidden_scales, field="hidden_scales", allowed=("float32",),
-                                expect_shape=(None, None))
-    ids = tensors.decode(request.expert_ids, field="expert_ids", allowed=("int32",), expect_shape=(None, None))
-    weights = tensors.decode(request.weights, field="weights", allowed=("float32",), expect_shape=(None, None))
-    if request.output_dtype:
-        if request.output_dtype not in OUTPUT_DTYPES:
-            raise InvalidArgument(f"output_dtype '{request.output_dtype}' is not one of {', '.join(OUTPUT_DTYPES)}")
-        out_dtype = OUTPUT_DTYPES[request.output_dtype]
-    else:
-        out_dtype = torch.float32 if hidden.dtype == torch.float32 else torch.bfloat16
-    return ExpertBatch(int(request.layer), hidden, ids, weights, scales), out_dtype
+    fields = {name: tensors.decode(getattr(request, name), field=name, allowed=allowed, expect_shape=(None, None))
+              for name, allowed in FIELD_DTYPES.items() if request.HasField(name)}
+    if request.output_dtype and request.output_dtype not in REPLY_DTYPES:
+        raise InvalidArgument(f"output_dtype '{request.output_dtype}' is not one of {', '.join(REPLY_DTYPES)}")
+    reply = request.output_dtype or reply_dtype(dispatch_dtype_of(request.hidden.dtype))
+    batch = ExpertBatch(int(request.layer), fields["hidden"], fields["expert_ids"], fields["weights"],
+                        fields.get("hidden_scales"))
+    return batch, tensors.DTYPES[reply]
 
 
 def error_reply(sequence: int, err: BaseException) -> expert_pb2.ExpertReply:
-    mapped = status_for(err)
-    if mapped is None:
-        event(log, "expert frame failed", level=logging.ERROR, sequence=sequence,
-              error=f"{type(err).__name__}: {err}")
-        code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}"
-    else:
-        code, message = mapped
+    code, message = replica_status(err, transport="grpc", sequence=sequence)
     return expert_pb2.ExpertReply(sequence=sequence, error=expert_pb2.ExpertError(code=code.name, message=message))
 
 

@@ -4,7 +4,8 @@
     out = shard.compute(ExpertBatch(layer, hidden, ids, weights))     # [T, H] on its device, blocking
     future = shard.submit(batch)                                      # the same, asynchronous
 
-`submit` validates on the caller's thread (InvalidArgument names the culprit) and queues the
+`submit` validates on the caller's thread against the wire contract (services.wire.batch.validate:
+InvalidArgument names the culprit) and queues the
 work. One compute thread takes everything queued, groups it by layer, concatenates the tokens,
 runs each layer's ExpertBank once and splits the output back to the requests, so frames from
 many workers for the same layer become one grouped computation. Load counts go to the
@@ -22,20 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
-import numpy as np
 import torch
 from prometheus_client import Counter, Histogram
 
-from services.common.expert_ids import format_id_list
 from services.common.errors import InvalidArgument, Unavailable
 from services.common.logging import event, get_logger
-from services.transport.base import ExpertBatch
-from services.transport.fp8 import GROUP as FP8_BLOCK, decode_hidden
+from services.wire.batch import ExpertBatch, Holdings, result_dtype, validate
 
 log = get_logger("expert")
 
-HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float8_e4m3fn)
-ID_DTYPES = (torch.int32, torch.int64)
 DEFAULT_CAPACITY_TOKENS = 8192
 
 TOKENS = Counter("moe_expert_tokens_total", "Token slots computed, per (layer, logical expert)", ["layer", "expert"])
@@ -83,10 +79,7 @@ class ExpertShard:
         self.device = torch.device(device)
         self.recorder = recorder
         self.capacity_tokens = capacity_tokens if capacity_tokens > 0 else 1 << 62
-        # held[id + 1] is True for held ids; index 0 stands for -1 (always accepted)
-        self._held = np.zeros(n_routed_experts + 1, dtype=bool)
-        self._held[0] = True
-        self._held[np.array(self.expert_ids) + 1] = True
+        self.holdings = Holdings(list(self.banks), self.expert_ids, hidden_size, n_routed_experts)
         self._queue: collections.deque[_Work] = collections.deque()
         self._cv = threading.Condition()
         self._accepting = True
@@ -183,65 +176,9 @@ class ExpertShard:
         return work.future
 
     def _validate(self, batch: ExpertBatch, out_dtype: torch.dtype | None) -> _Work:
-        layer = batch.layer
-        if layer not in self.banks:
-            raise InvalidArgument(f"layer {layer} is not a MoE layer held by this shard "
-                                  f"(layers held: {format_id_list(self.layers)})")
-        hidden, ids, weights, scales = batch.hidden, batch.expert_ids, batch.weights, batch.hidden_scales
-        if hidden.dtype not in HIDDEN_DTYPES:
-            raise InvalidArgument(f"hidden: dtype {_name(hidden.dtype)} is not accepted "
-                                  f"(float32, bfloat16, float8_e4m3fn)")
-        if hidden.dim() != 2 or hidden.shape[1] != self.hidden_size:
-            raise InvalidArgument(f"hidden: shape {list(hidden.shape)} is not [T, {self.hidden_size}] "
-                                  f"(hidden_size of this model)")
-        T = hidden.shape[0]
-        if ids.dtype not in ID_DTYPES:
-            raise InvalidArgument(f"expert_ids: dtype {_name(ids.dtype)} is not accepted (int32)")
-        if ids.dim() != 2 or ids.shape[0] != T:
-            raise InvalidArgument(f"expert_ids: shape {list(ids.shape)} is not [T={T}, K] (T from hidden)")
-        if weights.dtype != torch.float32:
-            raise InvalidArgument(f"weights: dtype {_name(weights.dtype)} is not accepted (float32)")
-        if tuple(weights.shape) != tuple(ids.shape):
-            raise InvalidArgument(f"weights: shape {list(weights.shape)} differs from expert_ids "
-                                  f"shape {list(ids.shape)}")
-        if ids.numel():
-            self._check_routing(ids.cpu().numpy(), weights.cpu().numpy())
-        ids = ids.long()
-        if hidden.dtype == torch.float8_e4m3fn:
-            blocks = -(-self.hidden_size // FP8_BLOCK)
-            if scales is None:
-                raise InvalidArgument("hidden_scales: required with float8_e4m3fn hidden")
-            if scales.dtype != torch.float32:
-                raise InvalidArgument(f"hidden_scales: dtype {_name(scales.dtype)} is not accepted (float32)")
-            if tuple(scales.shape) != (T, blocks):
-                raise InvalidArgument(f"hidden_scales: shape {list(scales.shape)} is not [T={T}, {blocks}] "
-                                      f"(one scale per {FP8_BLOCK} channels)")
-            if not bool(torch.isfinite(scales).all()):
-                raise InvalidArgument("hidden_scales: NaN or Inf among the fp8 scales")
-            x = decode_hidden(hidden, scales, self.dtype)
-            default_out = torch.float32
-        else:
-            if scales is not None and scales.numel():
-                raise InvalidArgument(f"hidden_scales: only allowed with float8_e4m3fn hidden "
-                                      f"(hidden is {_name(hidden.dtype)})")
-            x = hidden.to(self.dtype)
-            default_out = hidden.dtype
-        return _Work(layer, x.to(self.device), ids.to(self.device), weights.to(self.device),
-                     out_dtype or default_out, concurrent.futures.Future(), time.monotonic())
-
-    def _check_routing(self, ids: np.ndarray, weights: np.ndarray) -> None:
-        """In NumPy: these checks run on every request, and a dozen torch operators on [T, K]
-        cost ~30 us where NumPy takes a few."""
-        if ids.min() < -1 or ids.max() >= self.n_routed_experts:
-            bad = np.unique(ids[(ids < -1) | (ids >= self.n_routed_experts)])[:8].tolist()
-            raise InvalidArgument(f"expert_ids: {bad} outside [-1, {self.n_routed_experts})")
-        held = self._held[ids + 1]
-        if not held.all():
-            bad = np.unique(ids[~held])[:8].tolist()
-            raise InvalidArgument(f"expert_ids: experts {bad} are not held by this shard "
-                                  f"(holds {format_id_list(self.expert_ids)}; -1 marks a slot for another replica)")
-        if not np.isfinite(weights).all():
-            raise InvalidArgument("weights: NaN or Inf among the routing weights")
+        x, ids = validate(batch, self.holdings, self.dtype)
+        return _Work(batch.layer, x.to(self.device), ids.to(self.device), batch.weights.to(self.device),
+                     out_dtype or result_dtype(batch.hidden.dtype), concurrent.futures.Future(), time.monotonic())
 
     # ---- the compute thread ---------------------------------------------------------------
     def _run(self) -> None:
@@ -327,6 +264,3 @@ def _pad(t: torch.Tensor, k: int, value: float) -> torch.Tensor:
     pad = torch.full((t.shape[0], k - t.shape[1]), value, dtype=t.dtype, device=t.device)
     return torch.cat([t, pad], dim=1)
 
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")

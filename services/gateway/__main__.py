@@ -16,8 +16,9 @@ from services.common import redis_store, settings
 from services.common.logging import configure_logging, event, get_logger
 from services.common.redis_store import Keys, ReplicaRecord
 from services.common.server import Service
-from services.gateway.servicer import GatewayServicer, Upstreams
+from services.gateway.servicer import GatewayServicer
 from services.gateway.sessions import DEFAULT_MAX_UNREAD
+from services.gateway.upstreams import Upstreams
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 log = get_logger("gateway")

@@ -1,4 +1,4 @@
-"""Local cluster launcher: `moe up/down/status` and the LocalCluster API used by tests and benchmarks."""
+"""Local cluster launcher: the LocalCluster behind `moe up/down/status`, also used by tests and benchmarks."""
 
 from services.launcher.cluster import ClusterError, LocalCluster, ManagedProcess
 

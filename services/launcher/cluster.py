@@ -24,7 +24,6 @@ import json
 import os
 import secrets
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -36,6 +35,15 @@ import grpc
 from services.common.cpus import available_cpus, deal_cpus
 from services.common.expert_ids import format_id_list
 from services.common.ports import free_ports
+from services.common.supervisor import (
+    DEFAULT_GRACE_S,
+    expert_replica_command,
+    pid_alive,
+    start_child,
+    stop_children,
+    stop_pids,
+    wait_or_kill,
+)
 from services.launcher.preflight import (
     ClusterError,
     check_flags,
@@ -43,18 +51,7 @@ from services.launcher.preflight import (
     read_n_experts,
     split_experts,
 )
-from services.launcher.processes import (
-    DEFAULT_STOP_TIMEOUT_S,
-    HOST,
-    ManagedProcess,
-    health_status,
-    log_tail,
-    pid_alive,
-    pid_belongs_to,
-    redis_ping,
-    send_signal,
-    stop_pids,
-)
+from services.launcher.processes import HOST, ManagedProcess, health_status, log_tail, pid_belongs_to, redis_ping
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STOP_ORDER = ("gateway", "attention", "expert", "router", "redis")
@@ -86,7 +83,7 @@ class LocalCluster:
                  extra_env: dict[str, str] | None = None, *, gateway_port: int = 0, device: str = "cpu",
                  extra_args: dict[str, list[str]] | None = None, cluster: str | None = None,
                  log_level: str = "info", ready_timeout: float = DEFAULT_READY_TIMEOUT_S,
-                 stop_timeout: float = DEFAULT_STOP_TIMEOUT_S, progress: Callable[[str], None] | None = None,
+                 stop_timeout: float = DEFAULT_GRACE_S, progress: Callable[[str], None] | None = None,
                  gpus: list[str] | None = None, compile_decode: bool = False, pin_cpus: bool = False) -> None:
         """extra_args: more flags per process name or per kind (appended last, so they win).
         compile_decode: attention workers compile their CPU decode steps before serving.
@@ -143,9 +140,9 @@ class LocalCluster:
         placed = itertools.count()  # model processes given a GPU so far
         dealt = iter(deal_cpus(available_cpus(), self.model_processes)) if self.pin_cpus else None
 
-        def cpus() -> list[str]:
+        def cpus() -> str | None:
             """The next model process's `--cpus`, when pinning."""
-            return ["--cpus", format_id_list(next(dealt))] if dealt else []
+            return format_id_list(next(dealt)) if dealt else None
 
         def on_gpu(label: str) -> tuple[str, dict[str, str]]:
             """The next model process's GPU (round robin), as a label suffix and its environment."""
@@ -168,9 +165,11 @@ class LocalCluster:
                 port, metrics = take(), take()
                 ucx = take() if self.serves_ucx else 0
                 plane = expert_plane(i, r, self.planes)
-                cmd = py + ["services.expert"] + weights() + common(name, port, metrics) + [
-                    "--experts", f"{first}-{last}", "--shard", shard, "--replica-id", name,
-                    "--plane", str(plane), "--ucx-port", str(ucx)] + cpus()
+                cmd = expert_replica_command(
+                    model=self.model_dir, device=self.device, dtype=self.dtype, cluster=self.cluster,
+                    redis_url=self.redis_url_for(redis_port), host=HOST, advertise_host=HOST, port=port,
+                    metrics_port=metrics, log_level=self.log_level, experts=f"{first}-{last}", shard=shard,
+                    replica_id=name, plane=plane, ucx_port=ucx, cpus=cpus())
                 label, env = on_gpu(f"expert {shard} replica {r + 1}/{self.replicas}")
                 self._add(ManagedProcess(name, "expert", label, cmd, port, logs / f"{name}.log", metrics,
                                          replica_id=name, plane=plane, shard=shard, experts=f"{first}-{last}",
@@ -179,8 +178,11 @@ class LocalCluster:
             name = f"attention-{w}"
             port, metrics = take(), take()
             plane = w % self.planes
+            pinned = cpus()
             cmd = py + ["services.attention"] + weights() + common(name, port, metrics) + [
-                "--replica-id", name, "--plane", str(plane), "--transport", self.transport] + cpus()
+                "--replica-id", name, "--plane", str(plane), "--transport", self.transport]
+            if pinned:
+                cmd += ["--cpus", pinned]
             if self.dispatch_dtype:
                 cmd += ["--dispatch-dtype", self.dispatch_dtype]
             if self.compile_decode:
@@ -293,14 +295,7 @@ class LocalCluster:
             proc.ucx_port = free_ports(1)[0]
             at = proc.cmd.index("--ucx-port") + 1
             proc.cmd = proc.cmd[:at] + [str(proc.ucx_port)] + proc.cmd[at + 1:]
-        proc.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(proc.log_path, "ab") as log:
-            log.write(f"---- start {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(proc.cmd)}\n".encode())
-            log.flush()
-            proc.popen = subprocess.Popen(proc.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          cwd=str(REPO_ROOT), env={**self._env(), **proc.env},
-                                          start_new_session=True)
-        proc.pid = proc.popen.pid
+        proc.popen = start_child(proc.cmd, proc.log_path, env={**self._env(), **proc.env}, cwd=REPO_ROOT)
         if self._started:
             self._write_state(self._status)  # a launcher killed mid-start still leaves its PIDs
         return proc
@@ -308,23 +303,14 @@ class LocalCluster:
     def stop_process(self, name: str, sig: int = signal.SIGTERM, *, wait: bool = True,
                      timeout: float | None = None) -> int | None:
         """Signal one process by PID; with wait (SIGTERM/SIGINT/SIGKILL) wait for it, SIGKILL after
-        `timeout`. Returns its exit status (None when not waited or not ours)."""
+        `timeout`. Returns its exit status (None when not waited for)."""
         proc = self.processes[name]
-        pid = proc.current_pid()
-        if pid is None or not proc.running():
+        if not proc.running():
             return proc.exit_status()
-        send_signal(pid, sig)
+        proc.popen.send_signal(sig)
         if not wait or sig not in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL):
             return None
-        timeout = self.stop_timeout if timeout is None else timeout
-        if proc.popen is not None:
-            try:
-                return proc.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.popen.kill()
-                return proc.popen.wait(5.0)
-        stop_pids([pid], timeout)
-        return None
+        return wait_or_kill(proc.popen, self.stop_timeout if timeout is None else timeout)
 
     def wait_serving(self, name: str, timeout: float = 60.0) -> None:
         """Block until `name` answers SERVING (Redis: PING); ClusterError when it exits or times out."""
@@ -413,20 +399,13 @@ class LocalCluster:
 
     def _stop_all(self) -> None:
         for kinds in (STOP_ORDER[:-1], ("redis",)):
-            procs = [p for p in self.processes.values() if p.kind in kinds and p.running()]
-            for proc in procs:
-                send_signal(proc.current_pid(), signal.SIGTERM)
-            deadline = time.monotonic() + self.stop_timeout
-            for proc in procs:
-                if proc.popen is not None:
-                    try:
-                        proc.popen.wait(max(0.0, deadline - time.monotonic()))
-                    except subprocess.TimeoutExpired:
-                        self.progress(f"{proc.label} ({proc.name}) did not stop in time; killing pid {proc.popen.pid}")
-                        proc.popen.kill()
-                        proc.popen.wait(5.0)
-                elif pid_belongs_to(proc.pid, self.cluster, proc.kind, proc.port):
-                    stop_pids([proc.pid], max(0.0, deadline - time.monotonic()))
+            procs = {p.popen.pid: p for p in self.processes.values() if p.kind in kinds and p.running()}
+
+            def killing(popen) -> None:
+                proc = procs[popen.pid]
+                self.progress(f"{proc.label} ({proc.name}) did not stop in time; killing pid {popen.pid}")
+
+            stop_children([p.popen for p in procs.values()], self.stop_timeout, killing)
         state = self.run_dir / STATE_FILE
         if not self.detached and state.exists():
             try:
@@ -482,7 +461,7 @@ def read_state(run_dir: str | os.PathLike) -> dict:
         raise ClusterError(f"{path} is not valid JSON: {err}") from None
 
 
-def stop_from_state(run_dir: str | os.PathLike, timeout: float = DEFAULT_STOP_TIMEOUT_S,
+def stop_from_state(run_dir: str | os.PathLike, timeout: float = DEFAULT_GRACE_S,
                     progress: Callable[[str], None] | None = None) -> dict:
     """`moe down`: stop the processes listed in run_dir/cluster.json by PID, then remove the file."""
     progress = progress or (lambda line: None)

@@ -1,23 +1,23 @@
-"""Processes of a local cluster: what was started, whether a PID is still ours, stopping by PID,
-health probes and log tails. `cluster.py` composes these into a cluster.
+"""Processes of a local cluster: what was started, whether a PID is still ours, health probes and
+log tails. `cluster.py` composes these into a cluster; `services.common.supervisor` starts and
+stops them.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.supervisor import pid_alive
+
 HOST = "127.0.0.1"
-DEFAULT_STOP_TIMEOUT_S = 15.0
 LOG_TAIL_LINES = 20
+
 
 @dataclass
 class ManagedProcess:
@@ -36,7 +36,6 @@ class ManagedProcess:
     experts: str = ""
     ucx_port: int = 0
     popen: subprocess.Popen | None = None
-    pid: int | None = None    # set from a cluster.json when we did not start it
     env: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
@@ -44,12 +43,10 @@ class ManagedProcess:
         return f"{HOST}:{self.port}"
 
     def current_pid(self) -> int | None:
-        return self.popen.pid if self.popen is not None else self.pid
+        return self.popen.pid if self.popen is not None else None
 
     def running(self) -> bool:
-        if self.popen is not None:
-            return self.popen.poll() is None
-        return self.pid is not None and pid_alive(self.pid)
+        return self.popen is not None and self.popen.poll() is None
 
     def exit_status(self) -> int | None:
         return self.popen.poll() if self.popen is not None else None
@@ -61,22 +58,7 @@ class ManagedProcess:
                 "label": self.label, "cmd": self.cmd}
 
 
-# ---- PIDs we may not have started (moe down) -----------------------------------------------
-
-def pid_alive(pid: int) -> bool:
-    """True while `pid` exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rpartition(")")[2].split()[0] != "Z"
-
+# ---- PIDs of a cluster another `moe up` started (moe down) --------------------------------
 
 def pid_belongs_to(pid: int, cluster: str, kind: str = "", port: int = 0) -> bool:
     """True when `pid` is still the process we started (a recycled PID is not); True without /proc.
@@ -109,33 +91,6 @@ def cluster_pids(cluster: str) -> list[int]:
         if pid != os.getpid() and f"MOE_CLUSTER={cluster}".encode() in environ.split(b"\0") and pid_alive(pid):
             out.append(pid)
     return sorted(out)
-
-
-def stop_pids(pids: Iterable[int], timeout: float = DEFAULT_STOP_TIMEOUT_S) -> list[int]:
-    """SIGTERM each live PID, wait up to `timeout`, SIGKILL stragglers; returns the killed ones.
-
-    Callers check ownership first (pid_belongs_to): this signals exactly the PIDs given.
-    """
-    targets = [p for p in pids if p and pid_alive(p)]
-    for pid in targets:
-        send_signal(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(pid_alive(p) for p in targets):
-        time.sleep(0.05)
-    killed = [p for p in targets if pid_alive(p)]
-    for pid in killed:
-        send_signal(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline and any(pid_alive(p) for p in killed):
-        time.sleep(0.05)
-    return killed
-
-
-def send_signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:

@@ -13,7 +13,8 @@ from services.common import redis_store, settings
 from services.common.logging import configure_logging, event, get_logger
 from services.common.redis_store import Keys, ReplicaRecord
 from services.common.server import Service
-from services.router.servicer import RouterServicer, RouterState
+from services.router.servicer import RouterServicer
+from services.router.state import RouterState
 
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
 log = get_logger("router")

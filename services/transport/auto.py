@@ -13,8 +13,9 @@ import logging
 import threading
 
 from services.common.logging import event, get_logger
-from services.transport.base import ExpertClient, ReplicaLike, Transport, check_dispatch_dtype, make_transport
+from services.transport.base import ExpertClient, ReplicaLike, Transport, make_transport
 from services.transport.grpc_transport import GrpcTransport
+from services.wire.dtypes import check_dispatch_dtype
 
 log = get_logger("transport.auto")
 

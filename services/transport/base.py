@@ -1,4 +1,5 @@
-"""The dispatch/combine interface every transport implements, and the metrics they share.
+"""The dispatch/combine interface every transport implements, and the metrics they share. What
+the bytes mean (batch, dtypes, validation, failures) is the wire contract's, services/wire/.
 
     transport = make_transport("grpc", dispatch_dtype="bf16")
     client = transport.connect(replica)          # one per (worker, replica) pair, thread-safe
@@ -15,15 +16,14 @@ from __future__ import annotations
 import concurrent.futures
 import importlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import Any, Protocol
 
-import torch
 from prometheus_client import Counter, Histogram
 
-from services.common.errors import Unavailable
+from services.wire.batch import ExpertBatch
+from services.wire.dtypes import check_dispatch_dtype
+from services.wire.failures import ReplicaUnavailable
 
-DISPATCH_DTYPES = ("fp32", "bf16", "fp8")
 TRANSPORTS = ("grpc", "ucx")
 # "auto": UCX to every replica that offers it where ucxx works, gRPC to the rest
 TRANSPORT_CHOICES = ("auto",) + TRANSPORTS
@@ -38,31 +38,6 @@ DISPATCH_WAIT = Histogram("moe_dispatch_wait_seconds",
                           buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0))
 DISPATCH_FAILURES = Counter("moe_dispatch_failures_total", "Expert batches that failed, by reason",
                             ["transport", "reason"])
-
-
-@dataclass
-class ExpertBatch:
-    """One MoE layer's work for one shard replica."""
-
-    layer: int
-    hidden: torch.Tensor                       # [T, H] float32 / bfloat16 (float8_e4m3fn with hidden_scales)
-    expert_ids: torch.Tensor                   # [T, K] int32 logical ids; -1 = slot not for this replica
-    weights: torch.Tensor                      # [T, K] float32 (0 where expert_ids == -1)
-    hidden_scales: torch.Tensor | None = None  # [T, ceil(H/128)] float32, only for float8_e4m3fn hidden
-
-    @property
-    def tokens(self) -> int:
-        return int(self.hidden.shape[0])
-
-
-class ReplicaUnavailable(Unavailable):
-    """The replica could not answer (endpoint error, stream broken, timeout, draining): the caller
-    retries on another replica of the same experts. Maps to UNAVAILABLE if it escapes a servicer."""
-
-    def __init__(self, replica_id: str, reason: str) -> None:
-        super().__init__(f"expert replica {replica_id}: {reason}")
-        self.replica_id = replica_id
-        self.reason = reason
 
 
 class ReplicaLike(Protocol):
@@ -98,12 +73,6 @@ class Transport(ABC):
 
     def close(self) -> None:
         """Release what the transport itself holds (clients are closed by their owners)."""
-
-
-def check_dispatch_dtype(dispatch_dtype: str) -> str:
-    if dispatch_dtype not in DISPATCH_DTYPES:
-        raise ValueError(f"dispatch dtype '{dispatch_dtype}' is not one of {', '.join(DISPATCH_DTYPES)}")
-    return dispatch_dtype
 
 
 def make_transport(name: str, dispatch_dtype: str, **options: Any) -> Transport:

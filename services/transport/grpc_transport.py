@@ -28,23 +28,14 @@ from moe.v1 import expert_pb2, expert_pb2_grpc
 from services.common import tensors
 from services.common.errors import InvalidArgument
 from services.common.logging import event, get_logger
-from services.transport import fp8
-from services.transport.base import (
-    DISPATCH_BYTES,
-    DISPATCH_FAILURES,
-    DISPATCH_WAIT,
-    ExpertBatch,
-    ExpertClient,
-    ReplicaLike,
-    ReplicaUnavailable,
-    Transport,
-    check_dispatch_dtype,
-)
+from services.transport.base import DISPATCH_BYTES, DISPATCH_FAILURES, DISPATCH_WAIT, ExpertClient, ReplicaLike, Transport
+from services.wire.batch import ExpertBatch, result_dtype, wire_tensors
+from services.wire.dtypes import REPLY_DTYPES, check_dispatch_dtype, reply_dtype
+from services.wire.failures import ReplicaUnavailable, caller_error
 
 log = get_logger("transport.grpc")
 
 NAME = "grpc"
-WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CHANNEL_OPTIONS = (
     ("grpc.max_send_message_length", 256 << 20),
     ("grpc.max_receive_message_length", 256 << 20),
@@ -59,20 +50,15 @@ _CLOSE = object()  # ends a request iterator
 
 
 def encode_request(batch: ExpertBatch, sequence: int, dispatch_dtype: str) -> expert_pb2.ExpertRequest:
-    """ExpertBatch -> ExpertRequest with hidden in the dispatch dtype (fp8: hidden + scales)."""
-    request = expert_pb2.ExpertRequest(sequence=sequence, layer=batch.layer,
-                                       output_dtype="float32" if dispatch_dtype == "fp32" else "bfloat16")
-    if batch.hidden_scales is not None:  # already quantised by the caller
-        tensors.encode(batch.hidden, request.hidden)
-        tensors.encode(batch.hidden_scales, request.hidden_scales)
-    elif dispatch_dtype == "fp8":
-        q, scales = fp8.encode_hidden(batch.hidden, "fp8")
-        tensors.encode(q, request.hidden)
+    """ExpertBatch -> ExpertRequest (services.wire.batch.wire_tensors); InvalidArgument when the
+    batch cannot be encoded."""
+    hidden, scales, ids, weights = wire_tensors(batch, dispatch_dtype)
+    request = expert_pb2.ExpertRequest(sequence=sequence, layer=batch.layer, output_dtype=reply_dtype(dispatch_dtype))
+    tensors.encode(hidden, request.hidden)
+    if scales is not None:
         tensors.encode(scales, request.hidden_scales)
-    else:
-        tensors.encode(batch.hidden.to(WIRE_DTYPES[dispatch_dtype]), request.hidden)
-    tensors.encode(batch.expert_ids.to(torch.int32), request.expert_ids)
-    tensors.encode(batch.weights.to(torch.float32), request.weights)
+    tensors.encode(ids, request.expert_ids)
+    tensors.encode(weights, request.weights)
     return request
 
 
@@ -162,7 +148,7 @@ class _Stream:
 def _resolve(pending: _Pending, reply: expert_pb2.ExpertReply, replica_id: str) -> None:
     if reply.WhichOneof("result") == "output":
         try:
-            out = tensors.decode(reply.output, field="output", allowed=("float32", "bfloat16"))
+            out = tensors.decode(reply.output, field="output", allowed=REPLY_DTYPES)
             # decode() views the message's bytes (read-only): hand back a tensor the caller owns
             out = out.to(pending.out_dtype) if out.dtype != pending.out_dtype else out.clone()
         except InvalidArgument as err:
@@ -172,11 +158,8 @@ def _resolve(pending: _Pending, reply: expert_pb2.ExpertReply, replica_id: str) 
         if not pending.future.done():
             pending.future.set_result(out)
         return
-    error = reply.error
-    if error.code == "INVALID_ARGUMENT":
-        _fail(pending, InvalidArgument(error.message), "invalid")
-    else:
-        _fail(pending, ReplicaUnavailable(replica_id, f"{error.code or 'UNKNOWN'}: {error.message}"), "replica")
+    error = caller_error(replica_id, reply.error.code, reply.error.message)
+    _fail(pending, error, "invalid" if isinstance(error, InvalidArgument) else "replica")
 
 
 def _fail(pending: _Pending, err: Exception, reason: str) -> None:
@@ -214,13 +197,12 @@ class GrpcExpertClient(ExpertClient):
     def submit(self, batch: ExpertBatch, timeout: float) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
         started = time.monotonic()
-        out_dtype = batch.hidden.dtype if batch.hidden.dtype in (torch.float32, torch.bfloat16) else torch.float32
-        pending = _Pending(future, started, out_dtype)
+        pending = _Pending(future, started, result_dtype(batch.hidden.dtype))
         sequence = next(self._sequence)
         try:
             request = encode_request(batch, sequence, self.dispatch_dtype)
-        except (InvalidArgument, ValueError) as err:  # e.g. fp8 refuses NaN/Inf hidden
-            _fail(pending, err if isinstance(err, InvalidArgument) else InvalidArgument(f"hidden: {err}"), "invalid")
+        except InvalidArgument as err:  # e.g. fp8 refuses NaN/Inf hidden
+            _fail(pending, err, "invalid")
             return future
         DISPATCH_BYTES.labels(NAME, "dispatch").inc(request.ByteSize())
         with self._lock:

@@ -23,6 +23,9 @@ for a reply before the reply exists.
     reply sections:   output reply dtype [T, H]          (status OK)
                       UTF-8 error text, inline only        (status INVALID / UNAVAILABLE / ERROR)
 
+The status byte carries the contract's status (services/wire/failures.py): INVALID for
+INVALID_ARGUMENT, ERROR for INTERNAL, UNAVAILABLE for every other one.
+
 A decode batch up to the inline limit is therefore one message each way (the sender copies its
 sections into the head; every message goes eager over TCP, see ucx_runtime); a larger one is a
 head + zero-copy tails.
@@ -41,6 +44,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from services.wire.dtypes import scale_groups
+
 MAGIC = 0x3145_4F4D                    # b"MOE1" little-endian
 HEADER = struct.Struct("<IBBBBQiiiiI12x")
 ALIGN = 8
@@ -53,12 +58,14 @@ INLINE_LIMIT = (256 << 10) - HEADER.size
 # The connecting side picks the limit of a link for both directions and names it in its hello.
 DEVICE_INLINE_LIMIT = 8192 - HEADER.size
 ERROR_TEXT_LIMIT = 2048                # bytes of an error reply's text
-GROUP = 128                            # channels per fp8 scale
 
 KIND_REQUEST, KIND_REPLY = 1, 2
 SEQUENCE_BITS = 24
 HEAD_MASK = ((1 << 32) - 1) ^ ((1 << SEQUENCE_BITS) - 1)   # direction and part 0; any link, any sequence
 STATUS_OK, STATUS_INVALID, STATUS_UNAVAILABLE, STATUS_ERROR = 0, 1, 2, 3
+# status byte <-> grpc.StatusCode name of an error reply
+STATUS_NAMES = {STATUS_INVALID: "INVALID_ARGUMENT", STATUS_UNAVAILABLE: "UNAVAILABLE", STATUS_ERROR: "INTERNAL"}
+_STATUS_BYTES = {"INVALID_ARGUMENT": STATUS_INVALID, "INTERNAL": STATUS_ERROR}
 DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float8_e4m3fn: 3}
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 # Head messages are packed and unpacked through numpy: a decode step frames thousands of them, and
@@ -134,7 +141,7 @@ def request_sections(header: Header) -> list[Section]:
     tokens, topk, hidden = header.tokens, header.topk, header.hidden
     sections = [Section((tokens, topk), torch.int32), Section((tokens, topk), torch.float32)]
     if header.wire_dtype == torch.float8_e4m3fn:
-        sections.append(Section((tokens, -(-hidden // GROUP)), torch.float32))
+        sections.append(Section((tokens, scale_groups(hidden)), torch.float32))
     sections.append(Section((tokens, hidden), header.wire_dtype))
     return sections
 
@@ -214,6 +221,11 @@ def encode_reply(sequence: int, output: torch.Tensor, limit: int = INLINE_LIMIT)
     tokens, hidden_size = output.shape
     return _pack(Header(KIND_REPLY, STATUS_OK, output.dtype, None, sequence, 0, tokens, hidden_size, 0), [output],
                  limit=limit)
+
+
+def status_byte(status: str) -> int:
+    """The status byte of an error reply with this grpc.StatusCode name."""
+    return _STATUS_BYTES.get(status, STATUS_UNAVAILABLE)
 
 
 def encode_error(sequence: int, status: int, message: str) -> Frame:

@@ -19,15 +19,14 @@ import logging
 from functools import partial
 from typing import Callable
 
-import grpc
 import numpy as np
 import torch
 
-from services.common.errors import status_for
 from services.common.logging import event, get_logger
 from services.transport import ucx_framing as wire
-from services.transport.base import ExpertBatch
 from services.transport.ucx_runtime import CLOSE_TIMEOUT_S, UcxRuntime, ignore, ucx_available
+from services.wire.batch import ExpertBatch
+from services.wire.failures import replica_status
 
 log = get_logger("transport.ucx")
 
@@ -163,15 +162,8 @@ class _Peer:
 
 
 def _error_frame(header: wire.Header, err: Exception) -> wire.Frame:
-    mapped = status_for(err)
-    if mapped is None:
-        event(log, "ucx compute failed", level=logging.ERROR, layer=header.layer,
-              error=f"{type(err).__name__}: {err}", exc_info=True)
-        return wire.encode_error(header.sequence, wire.STATUS_ERROR, f"{type(err).__name__}: {err}")
-    code, message = mapped
-    # bad input fails on any replica; anything else (draining, overloaded) may succeed elsewhere
-    status = wire.STATUS_INVALID if code == grpc.StatusCode.INVALID_ARGUMENT else wire.STATUS_UNAVAILABLE
-    return wire.encode_error(header.sequence, status, message)
+    code, message = replica_status(err, transport="ucx", layer=header.layer, sequence=header.sequence)
+    return wire.encode_error(header.sequence, wire.status_byte(code.name), message)
 
 
 class UcxServer:

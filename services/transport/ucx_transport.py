@@ -47,26 +47,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from services.common import tensors
 from services.common.errors import InvalidArgument
 from services.common.logging import event, get_logger
-from services.transport import fp8, ucx_framing as wire
-from services.transport.base import (
-    DISPATCH_BYTES,
-    DISPATCH_FAILURES,
-    DISPATCH_WAIT,
-    ExpertBatch,
-    ExpertClient,
-    ReplicaLike,
-    ReplicaUnavailable,
-    Transport,
-    check_dispatch_dtype,
-)
+from services.transport import ucx_framing as wire
+from services.transport.base import DISPATCH_BYTES, DISPATCH_FAILURES, DISPATCH_WAIT, ExpertClient, ReplicaLike, Transport
 from services.transport.ucx_runtime import (  # noqa: F401 - UcxUnavailable, ucx_available re-exported
     CLOSE_TIMEOUT_S,
     UcxRuntime,
     UcxUnavailable,
     ucx_available,
 )
+from services.wire.batch import ExpertBatch, result_dtype, wire_tensors
+from services.wire.dtypes import check_dispatch_dtype, reply_dtype
+from services.wire.failures import ReplicaUnavailable, caller_error
 
 log = get_logger("transport.ucx")
 
@@ -271,7 +265,7 @@ class UcxExpertClient(ExpertClient):
         self.replica_id = replica_id
         self.address = (host.strip("[]"), int(port))
         self.dispatch_dtype = check_dispatch_dtype(dispatch_dtype)
-        self.reply_dtype = torch.float32 if dispatch_dtype == "fp32" else torch.bfloat16
+        self.reply_dtype = tensors.DTYPES[reply_dtype(dispatch_dtype)]
         self.runtime = runtime
         self.connect_timeout = connect_timeout
         self._sequence = itertools.count(1)
@@ -294,18 +288,18 @@ class UcxExpertClient(ExpertClient):
     def submit(self, batch: ExpertBatch, timeout: float) -> concurrent.futures.Future:
         future = self.runtime.future()
         hidden = batch.hidden
-        out_dtype = hidden.dtype if hidden.dtype in (torch.float32, torch.bfloat16) else torch.float32
         started = time.monotonic()
-        pending = _Pending(future, started, started + timeout, out_dtype, hidden.device, tuple(hidden.shape))
+        pending = _Pending(future, started, started + timeout, result_dtype(hidden.dtype), hidden.device,
+                           tuple(hidden.shape))
         sequence = next(self._sequence)
         try:
-            if batch.hidden_scales is not None or hidden.dtype == torch.float8_e4m3fn:
-                wire_hidden, scales = hidden, batch.hidden_scales   # quantised by the caller already
-            else:
-                wire_hidden, scales = fp8.encode_hidden(hidden, self.dispatch_dtype)
-            frame = wire.encode_request(sequence, batch.layer, batch.expert_ids, batch.weights,
-                                        wire_hidden, scales, self.reply_dtype, self.runtime.inline_limit)
-        except ValueError as err:
+            wire_hidden, scales, ids, weights = wire_tensors(batch, self.dispatch_dtype)
+            frame = wire.encode_request(sequence, batch.layer, ids, weights, wire_hidden, scales, self.reply_dtype,
+                                        self.runtime.inline_limit)
+        except InvalidArgument as err:   # e.g. fp8 refuses NaN/Inf hidden
+            _fail(self.runtime, pending, err, "invalid")
+            return future
+        except ValueError as err:        # shapes that disagree
             _fail(self.runtime, pending, InvalidArgument(f"expert batch: {err}"), "invalid")
             return future
         _DISPATCHED.inc(frame.nbytes)
@@ -325,11 +319,8 @@ class UcxExpertClient(ExpertClient):
 
     # ---- where progress runs (the progress thread or a driving caller) ----------------------
     def reject(self, pending: _Pending, header: wire.Header, head: np.ndarray) -> None:
-        message = wire.error_text(head, header)
-        if header.status == wire.STATUS_INVALID:
-            _fail(self.runtime, pending, InvalidArgument(message), "invalid")
-        else:
-            _fail(self.runtime, pending, ReplicaUnavailable(self.replica_id, message), "replica")
+        error = caller_error(self.replica_id, wire.STATUS_NAMES.get(header.status, ""), wire.error_text(head, header))
+        _fail(self.runtime, pending, error, "invalid" if isinstance(error, InvalidArgument) else "replica")
 
     def resolve(self, pending: _Pending, output: torch.Tensor) -> None:
         _COMBINED.inc(wire.HEADER.size + output.nbytes)

@@ -293,3 +293,36 @@ services/autoscaler reads, so the decider scales exactly the Deployments this ch
 {{- end }}
 {{- toJson $targets }}
 {{- end }}
+
+{{/* podBasics: the pod-spec fields every service shares (grace, non-root user, pull secrets). */}}
+{{- define "moe-runtime.podBasics" -}}
+terminationGracePeriodSeconds: {{ .Values.terminationGracePeriodSeconds | int }}
+securityContext:
+  {{- include "moe-runtime.podSecurityContext" . | nindent 2 }}
+{{- with .Values.image.pullSecrets }}
+imagePullSecrets:
+  {{- range . }}
+  - name: {{ . }}
+  {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* containerImage: one image and pull policy for every container, set in one place. */}}
+{{- define "moe-runtime.containerImage" -}}
+image: {{ include "moe-runtime.image" . }}
+imagePullPolicy: {{ .Values.image.pullPolicy }}
+{{- end }}
+
+{{/*
+volumeMounts: the checkpoint, read-only, for services that load weights, and the writable /tmp
+every container needs. Call with (dict "ctx" $ "model" true).
+*/}}
+{{- define "moe-runtime.volumeMounts" -}}
+{{- if .model -}}
+- name: model
+  mountPath: {{ .ctx.Values.model.mountPath }}
+  readOnly: true
+{{ end -}}
+- name: tmp
+  mountPath: /tmp
+{{- end }}

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13moe/v1/router.proto\x12\x06moe.v1\"<\n\x0eGetPlanRequest\x12\x19\n\x0c\x63\x61ller_plane\x18\x01 \x01(\rH\x00\x88\x01\x01\x42\x0f\n\r_caller_plane\"U\n\x10WatchPlanRequest\x12\x15\n\rknown_version\x18\x01 \x01(\x04\x12\x19\n\x0c\x63\x61ller_plane\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\x0f\n\r_caller_plane\"&\n\tEndpoints\x12\x0c\n\x04grpc\x18\x01 \x01(\t\x12\x0b\n\x03ucx\x18\x02 \x01(\t\"]\n\x0bPlanReplica\x12\n\n\x02id\x18\x01 \x01(\t\x12$\n\tendpoints\x18\x02 \x01(\x0b\x32\x11.moe.v1.Endpoints\x12\r\n\x05plane\x18\x03 \x01(\r\x12\r\n\x05shard\x18\x04 \x01(\t\"%\n\x0e\x45xpertReplicas\x12\x13\n\x0breplica_ids\x18\x01 \x03(\t\"C\n\tLayerPlan\x12\r\n\x05layer\x18\x01 \x01(\r\x12\'\n\x07\x65xperts\x18\x02 \x03(\x0b\x32\x16.moe.v1.ExpertReplicas\"*\n\tExpertRef\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\"\x85\x02\n\x04Plan\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x18\n\x10n_routed_experts\x18\x02 \x01(\r\x12!\n\x06layers\x18\x03 \x03(\x0b\x32\x11.moe.v1.LayerPlan\x12,\n\x08replicas\x18\x04 \x03(\x0b\x32\x1a.moe.v1.Plan.ReplicasEntry\x12\"\n\x07missing\x18\x05 \x03(\x0b\x32\x11.moe.v1.ExpertRef\x12\x17\n\x0f\x63reated_unix_ms\x18\x06 \x01(\x03\x1a\x44\n\rReplicasEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.moe.v1.PlanReplica:\x02\x38\x01\"\"\n\x0c\x44rainRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\"I\n\rDrainResponse\x12\x14\n\x0cplan_version\x18\x01 \x01(\x04\x12\"\n\x07missing\x18\x02 \x03(\x0b\x32\x11.moe.v1.ExpertRef\"\x16\n\x14\x43lusterStatusRequest\"\xd3\x01\n\rReplicaStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12$\n\tendpoints\x18\x03 \x01(\x0b\x32\x11.moe.v1.Endpoints\x12\r\n\x05plane\x18\x04 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x05 \x03(\r\x12\r\n\x05shard\x18\x06 \x01(\t\x12\x0b\n\x03pid\x18\x07 \x01(\r\x12\x0c\n\x04host\x18\x08 \x01(\t\x12\r\n\x05state\x18\t \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\n \x01(\r\x12\x17\n\x0fstarted_unix_ms\x18\x0b \x01(\x03\"A\n\x0bShardStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\r\x12\x13\n\x0breplica_ids\x18\x03 \x03(\t\";\n\nExpertLoad\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\"\x81\x02\n\x15\x43lusterStatusResponse\x12\x14\n\x0cplan_version\x18\x01 \x01(\x04\x12#\n\x06shards\x18\x02 \x03(\x0b\x32\x13.moe.v1.ShardStatus\x12\'\n\x08replicas\x18\x03 \x03(\x0b\x32\x15.moe.v1.ReplicaStatus\x12\"\n\x07missing\x18\x04 \x03(\x0b\x32\x11.moe.v1.ExpertRef\x12 \n\x18load_window_start_unix_s\x18\x05 \x01(\x03\x12\x15\n\rload_window_s\x18\x06 \x01(\r\x12\'\n\x0b\x65xpert_load\x18\x07 \x03(\x0b\x32\x12.moe.v1.ExpertLoad2\xfb\x01\n\x06Router\x12/\n\x07GetPlan\x12\x16.moe.v1.GetPlanRequest\x1a\x0c.moe.v1.Plan\x12\x35\n\tWatchPlan\x12\x18.moe.v1.WatchPlanRequest\x1a\x0c.moe.v1.Plan0\x01\x12;\n\x0c\x44rainReplica\x12\x14.moe.v1.DrainRequest\x1a\x15.moe.v1.DrainResponse\x12L\n\rClusterStatus\x12\x1c.moe.v1.ClusterStatusRequest\x1a\x1d.moe.v1.ClusterStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13moe/v1/router.proto\x12\x06moe.v1\"&\n\tEndpoints\x12\x0c\n\x04grpc\x18\x01 \x01(\t\x12\x0b\n\x03ucx\x18\x02 \x01(\t\"]\n\x0bPlanReplica\x12\n\n\x02id\x18\x01 \x01(\t\x12$\n\tendpoints\x18\x02 \x01(\x0b\x32\x11.moe.v1.Endpoints\x12\r\n\x05plane\x18\x03 \x01(\r\x12\r\n\x05shard\x18\x04 \x01(\t\"%\n\x0e\x45xpertReplicas\x12\x13\n\x0breplica_ids\x18\x01 \x03(\t\"C\n\tLayerPlan\x12\r\n\x05layer\x18\x01 \x01(\r\x12\'\n\x07\x65xperts\x18\x02 \x03(\x0b\x32\x16.moe.v1.ExpertReplicas\"*\n\tExpertRef\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\"\x85\x02\n\x04Plan\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x18\n\x10n_routed_experts\x18\x02 \x01(\r\x12!\n\x06layers\x18\x03 \x03(\x0b\x32\x11.moe.v1.LayerPlan\x12,\n\x08replicas\x18\x04 \x03(\x0b\x32\x1a.moe.v1.Plan.ReplicasEntry\x12\"\n\x07missing\x18\x05 \x03(\x0b\x32\x11.moe.v1.ExpertRef\x12\x17\n\x0f\x63reated_unix_ms\x18\x06 \x01(\x03\x1a\x44\n\rReplicasEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.moe.v1.PlanReplica:\x02\x38\x01\"\"\n\x0c\x44rainRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\"I\n\rDrainResponse\x12\x14\n\x0cplan_version\x18\x01 \x01(\x04\x12\"\n\x07missing\x18\x02 \x03(\x0b\x32\x11.moe.v1.ExpertRef\"\x16\n\x14\x43lusterStatusRequest\"\xd3\x01\n\rReplicaStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12$\n\tendpoints\x18\x03 \x01(\x0b\x32\x11.moe.v1.Endpoints\x12\r\n\x05plane\x18\x04 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x05 \x03(\r\x12\r\n\x05shard\x18\x06 \x01(\t\x12\x0b\n\x03pid\x18\x07 \x01(\r\x12\x0c\n\x04host\x18\x08 \x01(\t\x12\r\n\x05state\x18\t \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\n \x01(\r\x12\x17\n\x0fstarted_unix_ms\x18\x0b \x01(\x03\"A\n\x0bShardStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\r\x12\x13\n\x0breplica_ids\x18\x03 \x03(\t\";\n\nExpertLoad\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\"\x81\x02\n\x15\x43lusterStatusResponse\x12\x14\n\x0cplan_version\x18\x01 \x01(\x04\x12#\n\x06shards\x18\x02 \x03(\x0b\x32\x13.moe.v1.ShardStatus\x12\'\n\x08replicas\x18\x03 \x03(\x0b\x32\x15.moe.v1.ReplicaStatus\x12\"\n\x07missing\x18\x04 \x03(\x0b\x32\x11.moe.v1.ExpertRef\x12 \n\x18load_window_start_unix_s\x18\x05 \x01(\x03\x12\x15\n\rload_window_s\x18\x06 \x01(\r\x12\'\n\x0b\x65xpert_load\x18\x07 \x03(\x0b\x32\x12.moe.v1.ExpertLoad2\x93\x01\n\x06Router\x12;\n\x0c\x44rainReplica\x12\x14.moe.v1.DrainRequest\x1a\x15.moe.v1.DrainResponse\x12L\n\rClusterStatus\x12\x1c.moe.v1.ClusterStatusRequest\x1a\x1d.moe.v1.ClusterStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,38 +33,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PLAN_REPLICASENTRY']._loaded_options = None
   _globals['_PLAN_REPLICASENTRY']._serialized_options = b'8\001'
-  _globals['_GETPLANREQUEST']._serialized_start=31
-  _globals['_GETPLANREQUEST']._serialized_end=91
-  _globals['_WATCHPLANREQUEST']._serialized_start=93
-  _globals['_WATCHPLANREQUEST']._serialized_end=178
-  _globals['_ENDPOINTS']._serialized_start=180
-  _globals['_ENDPOINTS']._serialized_end=218
-  _globals['_PLANREPLICA']._serialized_start=220
-  _globals['_PLANREPLICA']._serialized_end=313
-  _globals['_EXPERTREPLICAS']._serialized_start=315
-  _globals['_EXPERTREPLICAS']._serialized_end=352
-  _globals['_LAYERPLAN']._serialized_start=354
-  _globals['_LAYERPLAN']._serialized_end=421
-  _globals['_EXPERTREF']._serialized_start=423
-  _globals['_EXPERTREF']._serialized_end=465
-  _globals['_PLAN']._serialized_start=468
-  _globals['_PLAN']._serialized_end=729
-  _globals['_PLAN_REPLICASENTRY']._serialized_start=661
-  _globals['_PLAN_REPLICASENTRY']._serialized_end=729
-  _globals['_DRAINREQUEST']._serialized_start=731
-  _globals['_DRAINREQUEST']._serialized_end=765
-  _globals['_DRAINRESPONSE']._serialized_start=767
-  _globals['_DRAINRESPONSE']._serialized_end=840
-  _globals['_CLUSTERSTATUSREQUEST']._serialized_start=842
-  _globals['_CLUSTERSTATUSREQUEST']._serialized_end=864
-  _globals['_REPLICASTATUS']._serialized_start=867
-  _globals['_REPLICASTATUS']._serialized_end=1078
-  _globals['_SHARDSTATUS']._serialized_start=1080
-  _globals['_SHARDSTATUS']._serialized_end=1145
-  _globals['_EXPERTLOAD']._serialized_start=1147
-  _globals['_EXPERTLOAD']._serialized_end=1206
-  _globals['_CLUSTERSTATUSRESPONSE']._serialized_start=1209
-  _globals['_CLUSTERSTATUSRESPONSE']._serialized_end=1466
-  _globals['_ROUTER']._serialized_start=1469
-  _globals['_ROUTER']._serialized_end=1720
+  _globals['_ENDPOINTS']._serialized_start=31
+  _globals['_ENDPOINTS']._serialized_end=69
+  _globals['_PLANREPLICA']._serialized_start=71
+  _globals['_PLANREPLICA']._serialized_end=164
+  _globals['_EXPERTREPLICAS']._serialized_start=166
+  _globals['_EXPERTREPLICAS']._serialized_end=203
+  _globals['_LAYERPLAN']._serialized_start=205
+  _globals['_LAYERPLAN']._serialized_end=272
+  _globals['_EXPERTREF']._serialized_start=274
+  _globals['_EXPERTREF']._serialized_end=316
+  _globals['_PLAN']._serialized_start=319
+  _globals['_PLAN']._serialized_end=580
+  _globals['_PLAN_REPLICASENTRY']._serialized_start=512
+  _globals['_PLAN_REPLICASENTRY']._serialized_end=580
+  _globals['_DRAINREQUEST']._serialized_start=582
+  _globals['_DRAINREQUEST']._serialized_end=616
+  _globals['_DRAINRESPONSE']._serialized_start=618
+  _globals['_DRAINRESPONSE']._serialized_end=691
+  _globals['_CLUSTERSTATUSREQUEST']._serialized_start=693
+  _globals['_CLUSTERSTATUSREQUEST']._serialized_end=715
+  _globals['_REPLICASTATUS']._serialized_start=718
+  _globals['_REPLICASTATUS']._serialized_end=929
+  _globals['_SHARDSTATUS']._serialized_start=931
+  _globals['_SHARDSTATUS']._serialized_end=996
+  _globals['_EXPERTLOAD']._serialized_start=998
+  _globals['_EXPERTLOAD']._serialized_end=1057
+  _globals['_CLUSTERSTATUSRESPONSE']._serialized_start=1060
+  _globals['_CLUSTERSTATUSRESPONSE']._serialized_end=1317
+  _globals['_ROUTER']._serialized_start=1320
+  _globals['_ROUTER']._serialized_end=1467
 # @@protoc_insertion_point(module_scope)

@@ -6,20 +6,6 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class GetPlanRequest(_message.Message):
-    __slots__ = ("caller_plane",)
-    CALLER_PLANE_FIELD_NUMBER: _ClassVar[int]
-    caller_plane: int
-    def __init__(self, caller_plane: _Optional[int] = ...) -> None: ...
-
-class WatchPlanRequest(_message.Message):
-    __slots__ = ("known_version", "caller_plane")
-    KNOWN_VERSION_FIELD_NUMBER: _ClassVar[int]
-    CALLER_PLANE_FIELD_NUMBER: _ClassVar[int]
-    known_version: int
-    caller_plane: int
-    def __init__(self, known_version: _Optional[int] = ..., caller_plane: _Optional[int] = ...) -> None: ...
-
 class Endpoints(_message.Message):
     __slots__ = ("grpc", "ucx")
     GRPC_FIELD_NUMBER: _ClassVar[int]

@@ -34,16 +34,6 @@ class RouterStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.GetPlan = channel.unary_unary(
-                '/moe.v1.Router/GetPlan',
-                request_serializer=moe_dot_v1_dot_router__pb2.GetPlanRequest.SerializeToString,
-                response_deserializer=moe_dot_v1_dot_router__pb2.Plan.FromString,
-                _registered_method=True)
-        self.WatchPlan = channel.unary_stream(
-                '/moe.v1.Router/WatchPlan',
-                request_serializer=moe_dot_v1_dot_router__pb2.WatchPlanRequest.SerializeToString,
-                response_deserializer=moe_dot_v1_dot_router__pb2.Plan.FromString,
-                _registered_method=True)
         self.DrainReplica = channel.unary_unary(
                 '/moe.v1.Router/DrainReplica',
                 request_serializer=moe_dot_v1_dot_router__pb2.DrainRequest.SerializeToString,
@@ -58,22 +48,6 @@ class RouterStub:
 
 class RouterServicer:
     """Missing associated documentation comment in .proto file."""
-
-    def GetPlan(self, request, context):
-        """Unary. The current plan. Before any expert replica registers it lists every expert as missing.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def WatchPlan(self, request, context):
-        """Server-streaming. Sends the current plan (unless its version equals known_version), then each
-        new version as the router publishes it, until the caller cancels. Slow readers get only the
-        latest version (intermediate ones may be skipped).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
 
     def DrainReplica(self, request, context):
         """Unary. Removes the replica from the plan at once (a new version is published before this
@@ -94,16 +68,6 @@ class RouterServicer:
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'GetPlan': grpc.unary_unary_rpc_method_handler(
-                    servicer.GetPlan,
-                    request_deserializer=moe_dot_v1_dot_router__pb2.GetPlanRequest.FromString,
-                    response_serializer=moe_dot_v1_dot_router__pb2.Plan.SerializeToString,
-            ),
-            'WatchPlan': grpc.unary_stream_rpc_method_handler(
-                    servicer.WatchPlan,
-                    request_deserializer=moe_dot_v1_dot_router__pb2.WatchPlanRequest.FromString,
-                    response_serializer=moe_dot_v1_dot_router__pb2.Plan.SerializeToString,
-            ),
             'DrainReplica': grpc.unary_unary_rpc_method_handler(
                     servicer.DrainReplica,
                     request_deserializer=moe_dot_v1_dot_router__pb2.DrainRequest.FromString,
@@ -124,60 +88,6 @@ def add_RouterServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Router:
     """Missing associated documentation comment in .proto file."""
-
-    @staticmethod
-    def GetPlan(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/moe.v1.Router/GetPlan',
-            moe_dot_v1_dot_router__pb2.GetPlanRequest.SerializeToString,
-            moe_dot_v1_dot_router__pb2.Plan.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def WatchPlan(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/moe.v1.Router/WatchPlan',
-            moe_dot_v1_dot_router__pb2.WatchPlanRequest.SerializeToString,
-            moe_dot_v1_dot_router__pb2.Plan.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
 
     @staticmethod
     def DrainReplica(request,

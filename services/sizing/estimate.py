@@ -18,16 +18,14 @@ from typing import Any
 from model import accounting
 from model.config import ModelConfig
 from model.errors import ModelError
-from services.planner.load import slowest_device_factor
-from services.planner.profiles import HardwareProfile
-
-WIRE_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
-FP8_SCALE_BYTES_PER_CHANNEL = 4 / 128  # one fp32 scale per 128 channels (DESIGN.md, FP8)
+from services.sizing.load import slowest_device_factor
+from services.sizing.profiles import HardwareProfile
+from services.wire.dtypes import VALUE_BYTES, hidden_bytes_per_token
 MEMORY_RESERVE = 0.10  # of HBM kept for activations, workspaces and fragmentation
 
 
 class DeploymentError(ModelError):
-    """A deployment the planner cannot size (inconsistent counts, unknown dtype)."""
+    """A deployment that cannot be sized (inconsistent counts, unknown dtype)."""
 
 
 @dataclass(frozen=True)
@@ -124,7 +122,7 @@ class Estimate:
         return out
 
 
-def plan(cfg: ModelConfig, profile: HardwareProfile, deployment: Deployment) -> Estimate:
+def size_deployment(cfg: ModelConfig, profile: HardwareProfile, deployment: Deployment) -> Estimate:
     d = _checked(cfg, deployment)
     ep = d.ep_width or math.ceil((cfg.n_routed_experts + d.redundant_experts) / d.experts_per_gpu)
     micro_batches = 2 if d.two_micro_batch else 1
@@ -173,7 +171,7 @@ def plan(cfg: ModelConfig, profile: HardwareProfile, deployment: Deployment) -> 
 def sweep(cfg: ModelConfig, profile: HardwareProfile, deployment: Deployment, field: str, values: list[float]) -> list[Estimate]:
     if field not in Deployment.__dataclass_fields__:
         raise DeploymentError(f"cannot sweep '{field}': not a deployment setting")
-    return [plan(cfg, profile, replace(deployment, **{field: value})) for value in values]
+    return [size_deployment(cfg, profile, replace(deployment, **{field: value})) for value in values]
 
 
 def max_sequences_per_worker(cfg: ModelConfig, profile: HardwareProfile, d: Deployment, kv_per_token: int) -> int:
@@ -191,9 +189,8 @@ def _moe_layer(cfg: ModelConfig, profile: HardwareProfile, d: Deployment, ep: in
     hidden = d.hidden_override or cfg.hidden_size
     shared_copies = cfg.n_shared_experts if d.shared_expert_on_wire else 0
     copies = cfg.num_experts_per_tok + shared_copies
-    dispatch_width = WIRE_BYTES[d.dispatch_dtype] + (FP8_SCALE_BYTES_PER_CHANNEL if d.dispatch_dtype == "fp8" and d.fp8_scales_on_wire else 0)
-    dispatch_per_token = copies * hidden * dispatch_width
-    combine_per_token = copies * hidden * WIRE_BYTES[d.combine_dtype]
+    dispatch_per_token = float(copies * hidden_bytes_per_token(hidden, d.dispatch_dtype, with_scales=d.fp8_scales_on_wire))
+    combine_per_token = copies * hidden * VALUE_BYTES[d.combine_dtype]
     # The slowest device receives `factor` times the mean of the routed copies.
     received = (cfg.num_experts_per_tok * factor + shared_copies) / copies
     fabric, communication = _all_to_all_s(profile, d, ep, d.tokens_per_device * received * (dispatch_per_token + combine_per_token), copies)
@@ -307,8 +304,8 @@ def _device_factors(cfg: ModelConfig, d: Deployment, ep: int) -> list[float]:
 
 def _checked(cfg: ModelConfig, d: Deployment) -> Deployment:
     for name in ("dispatch_dtype", "combine_dtype"):
-        if getattr(d, name) not in WIRE_BYTES:
-            raise DeploymentError(f"{name.replace('_', ' ')} '{getattr(d, name)}' is not one of {', '.join(WIRE_BYTES)}")
+        if getattr(d, name) not in VALUE_BYTES:
+            raise DeploymentError(f"{name.replace('_', ' ')} '{getattr(d, name)}' is not one of {', '.join(VALUE_BYTES)}")
     positive = ("tokens_per_device", "experts_per_gpu", "planes", "attention_gpus_per_worker", "context_length")
     for name in positive:
         if getattr(d, name) <= 0:
@@ -326,11 +323,11 @@ def _checked(cfg: ModelConfig, d: Deployment) -> Deployment:
 
 def omission_costs(cfg: ModelConfig, profile: HardwareProfile, deployment: Deployment) -> dict[str, float]:
     """For each paper simplification `deployment` makes: TPOT with it undone over TPOT as given."""
-    base = plan(cfg, profile, deployment).tpot_s
+    base = size_deployment(cfg, profile, deployment).tpot_s
     defaults = Deployment()
     costs = {}
     for name, value in PAPER_ASSUMPTIONS.items():
         default = getattr(defaults, name)
         if isinstance(default, bool) and getattr(deployment, name) != default:
-            costs[name] = plan(cfg, profile, replace(deployment, **{name: default})).tpot_s / base
+            costs[name] = size_deployment(cfg, profile, replace(deployment, **{name: default})).tpot_s / base
     return costs

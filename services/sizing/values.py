@@ -1,4 +1,4 @@
-"""Read a values file of our Helm chart into planner settings: the deployment it would run."""
+"""Read a values file of our Helm chart into sizing settings: the deployment it would run."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from typing import Any
 
 from model.config import ModelConfig
 from services.common import expert_ids
-from services.planner.estimate import DeploymentError
+from services.sizing.estimate import DeploymentError
 
 GPU_RESOURCE = "nvidia.com/gpu"
 
 
 def parse_expert_ids(spec: str, n_experts: int) -> list[int]:
-    """A shard's `experts` value as ids, the planner's error type on bad input."""
+    """A shard's `experts` value as ids, sizing's error type on bad input."""
     try:
         return expert_ids.parse_expert_ids(spec, n_experts)
     except ValueError as err:
@@ -39,7 +39,7 @@ def deployment_settings(path: str | Path, cfg: ModelConfig) -> dict[str, Any]:
         raise DeploymentError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
     shards = values.get("expertShards") or []
     if not shards:
-        raise DeploymentError(f"{path}: no expertShards to plan")
+        raise DeploymentError(f"{path}: no expertShards to size")
     covered: set[int] = set()
     slots = ep_width = experts_per_gpu = 0
     for shard in shards:

@@ -69,7 +69,8 @@ class _Stop(Exception):
 
 def _up(args: argparse.Namespace) -> int:
     from services.common.ports import port_is_open
-    from services.launcher.cluster import ClusterError, LocalCluster, pid_alive, read_state
+    from services.common.supervisor import pid_alive
+    from services.launcher.cluster import ClusterError, LocalCluster, read_state
 
     # What the user asked for (flags, device, model) is checked before what the machine is doing
     # (a cluster in the run directory, the gateway port), and all of it before anything starts.

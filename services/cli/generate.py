@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 
-from services.cli import CliError
+from services.cli import CliError, ServiceError
 from services.common.devices import check_device
+
+# --endpoint: HOST:PORT, [IPv6]:PORT or a unix: socket (gRPC alone would take a bare host to mean
+# port 443)
+ENDPOINT = re.compile(r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]+):\d{1,5}|unix:.+")
+# statuses that mean the request itself was wrong; any other is the cluster failing to serve it
+BAD_INPUT_CODES = {"INVALID_ARGUMENT", "OUT_OF_RANGE"}
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -48,16 +55,38 @@ def run(args: argparse.Namespace) -> int:
     if args.seed is not None and args.seed < 0:
         raise CliError(f"--seed must be >= 0, got {args.seed}")
     if args.endpoint:
-        from services.client import generate_cli
-
         # a cluster's workers hold the model: these would be silently ignored
         for flag, value in (("--device", args.device), ("--dtype", args.dtype)):
             if value is not None:
                 raise CliError(f"{flag} applies to --model only; a cluster's workers choose their own")
         if not args.timeout > 0:
             raise CliError(f"--timeout must be > 0 seconds, got {args.timeout}")
-        return generate_cli(args)
+        return _run_remote(args)
     return _run_local(args)
+
+
+def _run_remote(args: argparse.Namespace) -> int:
+    """Through a cluster's gateway: the same flags and output as the in-process path."""
+    from services.client import Client, ClientError
+
+    if not ENDPOINT.fullmatch(args.endpoint):
+        raise CliError(f"--endpoint must be HOST:PORT, got {args.endpoint!r}")
+    prompt_ids = _ids(args.prompt_ids, "--prompt-ids") if args.prompt_ids is not None else None
+    stops: list[int] = []
+    ignore_eos = args.ignore_eos
+    if args.stop_ids is not None:
+        stops = _ids(args.stop_ids, "--stop-ids")
+        ignore_eos = True  # --stop-ids replaces the model's EOS, as in the in-process path
+    try:
+        with Client(args.endpoint, timeout=args.timeout) as client:
+            result = client.generate(prompt_ids, args.prompt, max_new_tokens=args.max_new_tokens,
+                                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                     seed=args.seed, stop_token_ids=stops, ignore_eos=ignore_eos)
+    except ClientError as err:
+        failure = CliError if err.code in BAD_INPUT_CODES else ServiceError
+        raise failure(f"{err.code}: {err.message}") from None
+    print_result(result.to_dict(), args.json)
+    return 0
 
 
 def _run_local(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""`python -m services.commands.demo_model DIR`: write the demo model used by `make run`.
+"""`python -m services.cli.demo_model DIR`: write the demo model used by `make run`.
 
 The demo model is a tiny random DeepSeek-V3-style checkpoint (sigmoid gate with correction bias,
 4 expert groups, YaRN RoPE, one dense layer then two MoE layers of 8 routed experts), written by
@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from services.commands.convert import readable_by_all
+from services.cli.convert import readable_by_all
 
 DEMO_CONFIG = dict(
     vocab_size=320,
@@ -76,7 +76,7 @@ def write_demo_model(path: str | Path, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.commands.demo_model", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m services.cli.demo_model", description=__doc__.splitlines()[0])
     parser.add_argument("dir", help="where to write the checkpoint")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -1,6 +1,6 @@
 """`moe inspect`: parameter counts and KV-cache bytes per token of a model, without its weights.
 
-Every figure comes from `model.accounting`, the same arithmetic the capacity planner uses.
+Every figure comes from `model.accounting`, the same arithmetic `moe size` uses.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Hardware profiles: the figures the planner needs, from datasheets or from our own benchmarks.
+"""Hardware profiles: the figures sizing needs, from datasheets or from our own benchmarks.
 
 A profile file is one flat JSON object with the keys of `HardwareProfile` (units in the key
 names; bandwidths per direction, per GPU, one network plane per GPU/NIC). `write_profile` writes
-one, so a benchmark can record what it measured and `moe plan --profile FILE` can plan with it.
+one, so a benchmark can record what it measured and `moe size --profile FILE` can size with it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from model.errors import ModelError
 
 
 class ProfileError(ModelError):
-    """A hardware profile file or name that the planner cannot use."""
+    """A hardware profile file or name that sizing cannot use."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""FP8 dispatch compression (DeepEP / DeepSeek-V3 style) and the hidden-state wire codec.
+"""Hidden states on the expert wire: FP8 dispatch compression (DeepEP / DeepSeek-V3 style).
 
 Activations sent to expert shards may travel as float8_e4m3fn with one float32 scale per 128
 consecutive channels of each token ("1x128" blocks); the combine direction stays BF16/FP32.
@@ -9,8 +9,6 @@ consecutive channels of each token ("1x128" blocks); the combine direction stays
     wire, scales = encode_hidden(x, "fp8")         # what a transport puts on the wire; scales is
     wire, scales = encode_hidden(x, "bf16")        #   None for "fp32" / "bf16"
     x_hat = decode_hidden(wire, scales, torch.float32)   # the shard's side; any of the three
-
-    dispatch_bytes_per_token(7168, topk=8, dispatch_dtype="fp8")  # one token's bytes to one replica
 
 Scale rule: s = amax(|x| over the block) / 448, so the block's largest magnitude lands on e4m3's
 largest finite value. An all-zero block gets s = 1 (q is 0 either way; no 0/0). A last block
@@ -28,22 +26,13 @@ Non-finite input (NaN, +-Inf) is refused with ValueError: its scale would poison
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from services.transport.base import DISPATCH_DTYPES
+from services.common import tensors
+from services.wire.dtypes import FP8_GROUP as GROUP, HIDDEN_WIRE_DTYPES, check_dispatch_dtype, scale_groups
 
-GROUP = 128                       # channels per scale
 E4M3_MAX = 448.0                  # largest finite float8_e4m3fn
-_PLAIN_WIRE = {"fp32": torch.float32, "bf16": torch.bfloat16}
-ROUTING_BYTES_PER_SLOT = 4 + 4    # int32 expert id + float32 weight, per (token, top-k slot)
-
-
-def scale_groups(hidden_size: int) -> int:
-    """Number of 128-channel scale groups for a hidden size (the last may be partial)."""
-    return math.ceil(hidden_size / GROUP)
 
 
 def _check_finite(x: torch.Tensor, where: str) -> None:
@@ -96,11 +85,9 @@ def encode_hidden(x: torch.Tensor, dispatch_dtype: str) -> tuple[torch.Tensor, t
 
     "fp32" -> (float32, None); "bf16" -> (bfloat16, None); "fp8" -> (float8_e4m3fn, float32 scales).
     A tensor already in the wire dtype is returned as is (no copy)."""
-    if dispatch_dtype == "fp8":
+    if check_dispatch_dtype(dispatch_dtype) == "fp8":
         return quantize_1x128(x)
-    if dispatch_dtype not in _PLAIN_WIRE:
-        raise ValueError(f"dispatch dtype '{dispatch_dtype}' is not one of {', '.join(DISPATCH_DTYPES)}")
-    return x.to(_PLAIN_WIRE[dispatch_dtype]).contiguous(), None
+    return x.to(tensors.DTYPES[HIDDEN_WIRE_DTYPES[dispatch_dtype]]).contiguous(), None
 
 
 def decode_hidden(wire: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -112,22 +99,3 @@ def decode_hidden(wire: torch.Tensor, scales: torch.Tensor | None, dtype: torch.
     if scales is not None:
         raise ValueError(f"decode_hidden: scales given with {wire.dtype} hidden states (only float8 has them)")
     return wire.to(dtype)
-
-
-def hidden_bytes_per_token(hidden_size: int, dispatch_dtype: str) -> int:
-    """Bytes of one token's activations on the wire (with the fp8 scales)."""
-    if dispatch_dtype == "fp8":
-        return hidden_size + 4 * scale_groups(hidden_size)
-    if dispatch_dtype not in _PLAIN_WIRE:
-        raise ValueError(f"dispatch dtype '{dispatch_dtype}' is not one of {', '.join(DISPATCH_DTYPES)}")
-    return hidden_size * _PLAIN_WIRE[dispatch_dtype].itemsize
-
-
-def dispatch_bytes_per_token(hidden_size: int, topk: int, dispatch_dtype: str) -> int:
-    """Bytes one token adds to one replica's request: activations + its top-k ids and weights."""
-    return hidden_bytes_per_token(hidden_size, dispatch_dtype) + topk * ROUTING_BYTES_PER_SLOT
-
-
-def combine_bytes_per_token(hidden_size: int, dispatch_dtype: str) -> int:
-    """Bytes of one token's reply: FP32 in fp32 mode, else BF16 (combine is never FP8)."""
-    return hidden_size * (4 if dispatch_dtype == "fp32" else 2)

@@ -1,4 +1,4 @@
-"""The `moe` command: one entry point whose subcommands live in their own modules.
+"""The `moe` command: one entry point, one module of this package per group of subcommands.
 
 Each subcommand module exposes `add_arguments(parser, command)` and `run(args) -> int`; modules are
 imported only when their subcommand runs, so `moe --help` stays fast.
@@ -14,14 +14,17 @@ import sys
 from model.errors import ModelError
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "generate": ("services.commands.generate", "generate tokens, in process (--model) or from a cluster (--endpoint)"),
-    "inspect": ("services.commands.inspect", "parameter counts and KV-cache bytes per token of a model"),
-    "convert": ("services.commands.convert", "write an FP8 (e4m3, 128x128 block scales) copy of a checkpoint"),
-    "plan": ("services.planner.cli", "size a deployment: TPOT, throughput and the bound of each decode step"),
-    "up": ("services.launcher.cli", "start a local cluster (Redis, router, shards, workers, gateway)"),
-    "down": ("services.launcher.cli", "stop the local cluster started with --detach"),
-    "status": ("services.launcher.cli", "shards, replicas, planes, plan version and expert load"),
+    "generate": ("services.cli.generate", "generate tokens, in process (--model) or from a cluster (--endpoint)"),
+    "inspect": ("services.cli.inspect", "parameter counts and KV-cache bytes per token of a model"),
+    "convert": ("services.cli.convert", "write an FP8 (e4m3, 128x128 block scales) copy of a checkpoint"),
+    "size": ("services.cli.size", "size a deployment: TPOT, throughput and the bound of each decode step"),
+    "up": ("services.cli.cluster", "start a local cluster (Redis, router, shards, workers, gateway)"),
+    "down": ("services.cli.cluster", "stop the local cluster started with --detach"),
+    "status": ("services.cli.cluster", "shards, replicas, planes, routing plan version and expert load"),
 }
+# Other names of a subcommand, answered exactly as it is: `moe plan` is what `moe size` was called
+# before "plan" came to mean the router's routing plan only.
+ALIASES = {"plan": "size"}
 
 
 class CliError(Exception):
@@ -41,22 +44,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe", description="moe-runtime: distributed MoE inference")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_, help_text) in SUBCOMMANDS.items():
-        sub.add_parser(name, help=help_text, add_help=False)
+        aliases = [alias for alias, command in ALIASES.items() if command == name]
+        sub.add_parser(name, help=help_text, add_help=False, aliases=aliases)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     top = build_parser()
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
+    name = argv[0] if argv else ""
+    command = ALIASES.get(name, name)
+    if command not in SUBCOMMANDS:
         top.parse_args(argv)  # prints help or the unknown-command error and exits
         return 2
-    name = argv[0]
-    module = importlib.import_module(SUBCOMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"moe {name}", description=SUBCOMMANDS[name][1])
-    module.add_arguments(parser, name)
+    module_name, description = SUBCOMMANDS[command]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"moe {name}", description=description)
+    module.add_arguments(parser, command)
     args = parser.parse_args(argv[1:])
-    args.command = name
+    args.command = command
     try:
         return int(module.run(args) or 0)
     except CliError as err:
@@ -72,11 +78,3 @@ def main(argv: list[str] | None = None) -> int:
         # keep Python from failing again when it flushes stdout at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-
-
-if __name__ == "__main__":
-    # `python -m services.cli` runs this file as __main__; use the importable module's main so
-    # CliError raised by subcommands is the class it catches.
-    from services.cli import main as package_main
-
-    sys.exit(package_main())

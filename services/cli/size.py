@@ -1,4 +1,4 @@
-"""`moe plan`: size a deployment from a model config, a hardware profile and deployment flags.
+"""`moe size` (also `moe plan`): size a deployment from a model config, a hardware profile and deployment flags.
 
 Settings are layered: Deployment defaults, then `--paper`, then `--values FILE`, then flags.
 """
@@ -11,17 +11,17 @@ from dataclasses import replace
 from typing import Any
 
 from services.cli import CliError
-from services.commands.inspect import add_model_arguments, model_config_from_args
-from services.planner import estimate, load, profiles, values
+from services.cli.inspect import add_model_arguments, model_config_from_args
+from services.sizing import estimate, load, profiles, values
 
-DTYPES = tuple(estimate.WIRE_BYTES)
+DTYPES = tuple(estimate.VALUE_BYTES)
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     add_model_arguments(parser)
     parser.add_argument("--profile", default="h800", help=f"hardware: {', '.join(profiles.BUILTIN)} or a profile JSON file (default h800)")
     parser.add_argument("--paper", action="store_true", help="the ISCA 2025 paper's assumptions: 32 tokens/device, 1 expert/GPU, shared expert dispatched, comm only, no latency")
-    parser.add_argument("--values", metavar="FILE", help="plan the deployment of a Helm values file")
+    parser.add_argument("--values", metavar="FILE", help="size the deployment of a Helm values file")
     deploy = parser.add_argument_group("deployment (flags override --paper and --values)")
     deploy.add_argument("--tokens-per-device", type=float, help="positions per EP device per micro-batch")
     deploy.add_argument("--attention-batch", type=int, help="sequences per attention worker (instead of --tokens-per-device)")
@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
             write_plot(args.plot, field, results)
         print(json.dumps([e.to_json() for e in results], indent=2) if args.json else format_sweep(field, results))
         return 0
-    result = estimate.plan(cfg, profile, deployment)
+    result = estimate.size_deployment(cfg, profile, deployment)
     omissions = estimate.omission_costs(cfg, profile, deployment)
     if args.json:
         print(json.dumps({**result.to_json(), "paper_omissions_tpot_ratio": omissions}, indent=2))

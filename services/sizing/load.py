@@ -14,7 +14,7 @@ from model.errors import ModelError
 
 
 class LoadError(ModelError):
-    """An expert-load file or exponent the planner cannot use."""
+    """An expert-load file or exponent that sizing cannot use."""
 
 
 def zipf_shares(n_experts: int, exponent: float) -> list[float]:

@@ -1,6 +1,0 @@
-"""Capacity planner behind `moe plan`: decode-step time, throughput and memory of a deployment.
-
-`estimate.plan(cfg, profile, deployment)` is the importable entry; `profiles` holds hardware
-figures, `load` turns an expert-load distribution into the slowest device's share, `values`
-reads a Helm values file into a `Deployment`.
-"""
