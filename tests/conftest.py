@@ -11,7 +11,18 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+# Torch's OpenMP threads spin while they wait for each other. On two cores shared with anything
+# else (the processes a test starts, another job) a spinning thread holds the core its partner
+# needs, and small in-process tests ran tens of times slower. This process's threads wait
+# passively; the environment the tests' processes inherit is left as it was.
+_set_wait_policy = "OMP_WAIT_POLICY" not in os.environ
+if _set_wait_policy:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+import torch  # noqa: E402 - OpenMP reads the policy when torch loads it
+
+if _set_wait_policy:
+    del os.environ["OMP_WAIT_POLICY"]
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
