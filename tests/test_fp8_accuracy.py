@@ -17,8 +17,6 @@ from services.wire.codec import decode_hidden, encode_hidden
 PROMPTS = [(1, 2, 3), (50, 60), (7,), (11, 12, 13, 14)]
 STEPS = 64
 
-pytestmark = pytest.mark.slow  # a 64-step greedy reference, and a cluster
-
 
 class Fp8Wire(nn.Module):
     """The numerics of an FP8 dispatch, in process: hidden states quantised as the transport

@@ -22,7 +22,6 @@ def model(v3_checkpoint):
     return load_model(v3_checkpoint[0])
 
 
-@pytest.mark.slow
 def test_same_seed_same_tokens_whatever_the_batch(model):
     sampling = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=1234)
     target = GenerationRequest((1, 2, 3), 16, sampling)
@@ -79,7 +78,6 @@ def test_bad_requests_are_refused_with_a_message(model, request_kwargs, message)
     assert engine.idle
 
 
-@pytest.mark.slow
 def test_a_request_larger_than_the_cache_is_refused_and_others_wait_their_turn(model):
     engine = Engine(model, cache_tokens=64, max_batch=8)
     with pytest.raises(CacheFull):
@@ -105,7 +103,6 @@ def test_stop_token_ends_a_sequence(model):
     assert stopped.finish_reason == "stop" and stopped.tokens == greedy.tokens[: greedy.tokens.index(stop) + 1]
 
 
-@pytest.mark.slow
 def test_moe_generate_json(v3_checkpoint, capsys):
     path, hf = v3_checkpoint
     assert moe(["generate", "--model", str(path), "--prompt-ids", "1,2,3", "--max-new-tokens", "8", "--ignore-eos", "--json"]) == 0

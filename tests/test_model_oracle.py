@@ -38,7 +38,6 @@ def test_prefill_logits_match_transformers(checkpoint):
     assert (ours - ref).abs().max().item() <= TOLERANCE
 
 
-@pytest.mark.slow
 def test_every_decode_step_through_latent_cache_matches_transformers(checkpoint):
     path, hf = checkpoint
     model = load_model(path)
@@ -82,7 +81,6 @@ def test_chunked_prefill_continues_a_sequence(v3_checkpoint):
     assert (tail - ref).abs().max().item() <= TOLERANCE
 
 
-@pytest.mark.slow
 def test_greedy_tokens_match_transformers_over_32_steps(checkpoint):
     path, hf = checkpoint
     model = load_model(path)
@@ -94,7 +92,6 @@ def test_greedy_tokens_match_transformers_over_32_steps(checkpoint):
         assert seq.finish_reason == "length"
 
 
-@pytest.mark.slow
 def test_batched_decode_equals_one_at_a_time(v3_checkpoint):
     path, _ = v3_checkpoint
     model = load_model(path)
