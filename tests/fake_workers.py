@@ -175,4 +175,3 @@ def gateway():
         service.shutdown()
     for server in servers:
         server.stop(0)
-
