@@ -1,5 +1,6 @@
 # Two entry points a new machine needs: `make run` (set up, then a demo cluster answers a request)
-# and `make test` (set up, then the whole suite). Everything else is a helper target.
+# and `make test` (set up, then the whole suite). Everything else is a helper target; `make
+# test-fast` is the edit loop's: the suite without the tests marked slow, in about a minute.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
@@ -8,7 +9,7 @@ STAMP := $(VENV)/.installed
 INSTALL := scripts/with-retries 3 $(PIP) install -q --retries 10
 DEMO_MODEL ?= .cache/models/tiny-v3
 
-.PHONY: setup run test protos bench demo-model clean
+.PHONY: setup run test test-fast protos bench demo-model clean
 
 setup: $(STAMP)
 
@@ -33,6 +34,9 @@ run: demo-model
 
 test: setup
 	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
 
 protos: setup
 	PY=$(PY) scripts/gen-protos.sh

@@ -175,13 +175,3 @@ def gateway():
         service.shutdown()
     for server in servers:
         server.stop(0)
-
-
-
-def wait_for(condition, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True

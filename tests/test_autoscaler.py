@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
@@ -29,21 +28,10 @@ from services.autoscaler.policy import (
 from services.common.expert_ids import format_id_list
 from services.common.expert_ids import parse_expert_ids
 from services.common.ports import free_port
-from services.common.redis_server import RedisServer
 from services.common.redis_store import LOAD_WINDOW_S, Keys, LoadRecorder, ReplicaRecord, connect, list_replicas
+from support import ROOT, stop_process, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
 SHARD = ShardSpec("shard-0", (0, 1, 2, 3), min_replicas=1, max_replicas=5, deployment="moe-expert-shard-0")
-
-
-def wait_for(condition, timeout: float, what: str, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def obs(current: int, tokens: float, live: int | None = None) -> Observation:
@@ -166,12 +154,6 @@ def test_targets_json_is_parsed_and_validated():
 
 
 # ---- Redis: load aggregation and one loop round -------------------------------------------
-
-@pytest.fixture(scope="module")
-def redis_server():
-    with RedisServer() as server:
-        yield server
-
 
 def last_complete_window(now: float) -> float:
     """A timestamp inside the newest window the autoscaler treats as complete at `now`."""
@@ -383,6 +365,7 @@ def test_kubernetes_errors_are_logged_once_per_shard_and_kind_and_never_raise(tm
     assert [r.getMessage() for r in caplog.records].count("kubernetes API unreachable") == 1
 
 
+@pytest.mark.slow
 def test_autoscaler_process_patches_the_deployment_and_stops_on_sigterm(redis_server, tmp_path):
     """The whole process: real Redis with load, the stand-in API server (as behind kubectl proxy)."""
     client = connect(redis_server.url)
@@ -403,13 +386,11 @@ def test_autoscaler_process_patches_the_deployment_and_stops_on_sigterm(redis_se
              "--cluster", "proc", "--metrics-port", "0", "--interval", "0.3", "--target-tokens-per-replica", "2000"],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
-            wait_for(lambda: api.deployments["moe-expert-shard-0"] == 3, 20, "PATCH to 3 replicas")
+            wait_until(lambda: api.deployments["moe-expert-shard-0"] == 3, 20, "PATCH to 3 replicas")
             proc.send_signal(signal.SIGTERM)
             output, _ = proc.communicate(timeout=10)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
     assert proc.returncode == 0, output
     assert 'event=scaling shard=shard-0' in output and "replicas_to=3" in output and "hot=2:4500/s" in output
     assert output.count("event=scaling") == 1 and api.problems == []
@@ -417,6 +398,7 @@ def test_autoscaler_process_patches_the_deployment_and_stops_on_sigterm(redis_se
 
 # ---- local actuator: a real expert replica ---------------------------------------------------
 
+@pytest.mark.slow
 def test_local_actuator_starts_a_real_expert_replica_and_stops_it_by_pid(v3_checkpoint, redis_server, tmp_path):
     path, _ = v3_checkpoint
     client = connect(redis_server.url)
@@ -429,8 +411,8 @@ def test_local_actuator_starts_a_real_expert_replica_and_stops_it_by_pid(v3_chec
         assert actuator.scale(spec, 1)
         assert actuator.current(spec) == 1
         child = actuator.children["shard-a"][0]
-        live = wait_for(lambda: [r for r in list_replicas(client, keys, "expert") if r.shard == "shard-a"], 40,
-                        f"replica registered (log: {child.log_path})", step=0.2)
+        live = wait_until(lambda: [r for r in list_replicas(client, keys, "expert") if r.shard == "shard-a"], 40,
+                          f"replica registered (log: {child.log_path})", interval=0.2)
         assert [(r.id, r.experts, r.pid) for r in live] == [(child.name, [0, 1], child.process.pid)]
         # a replica someone else started counts, but is never stopped by us
         register(client, keys, "shard-a", "launcher-replica", experts=(0, 1))
@@ -438,7 +420,7 @@ def test_local_actuator_starts_a_real_expert_replica_and_stops_it_by_pid(v3_chec
         assert actuator.current(spec, live) == 2
         assert actuator.scale(spec, 0, live)
         assert child.process.wait(15) == 0          # SIGTERM: drained and exited cleanly
-        wait_for(lambda: not client.exists(keys.replica("expert", child.name)), 5, "deregistered")
+        wait_until(lambda: not client.exists(keys.replica("expert", child.name)), 5, "deregistered")
         live = [r for r in list_replicas(client, keys, "expert") if r.shard == "shard-a"]
         assert [r.id for r in live] == ["launcher-replica"] and actuator.current(spec, live) == 1
         assert client.exists(keys.replica("expert", "launcher-replica"))
@@ -474,11 +456,11 @@ def test_local_actuator_kills_a_replica_that_ignores_sigterm_once_the_grace_has_
     spec = ShardSpec("s", (0,), 0, 1)
     assert actuator.scale(spec, 1)
     (child,) = actuator.children["s"]
-    wait_for(lambda: "SIGTERM ignored" in child.log_path.read_text(), 20, "the replica's handler")
+    wait_until(lambda: "SIGTERM ignored" in child.log_path.read_text(), 20, "the replica's handler")
     assert child.log_path.read_text().startswith("---- start ")    # its argv heads the log
     asked = time.monotonic()
     assert actuator.scale(spec, 0) and actuator.current(spec) == 0
     assert child.process.poll() is None                            # still draining, within its grace
-    wait_for(lambda: actuator.current(spec) == 0 and child.process.poll() is not None, 20, "SIGKILL after the grace")
+    wait_until(lambda: actuator.current(spec) == 0 and child.process.poll() is not None, 20, "SIGKILL after the grace")
     assert child.process.returncode == -signal.SIGKILL and time.monotonic() - asked >= 1.0
     assert actuator.current(spec) == 0 and actuator.children["s"] == []     # reaped

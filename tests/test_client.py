@@ -7,8 +7,9 @@ import asyncio
 
 import pytest
 
-from fake_workers import FakeWorker, wait_for
+from fake_workers import FakeWorker
 from services.client import AsyncClient, Client, ClientError, GenerationResult, build_request
+from support import wait_until
 
 
 def _run_async(endpoint: str, body, timeout: float = 10.0):
@@ -59,7 +60,7 @@ def test_async_client_leaving_a_stream_early_cancels_it_on_the_worker(gateway):
 
     first, cancelled = _run_async(client.endpoint, body)
     assert first.id == 10 and cancelled and fake.cancels == [1]
-    assert wait_for(lambda: upstreams.balancer.in_flight() == 0)
+    wait_until(lambda: upstreams.balancer.in_flight() == 0, what="no call in flight")
 
 
 @pytest.mark.parametrize("worker, timeout, code, fragment", [

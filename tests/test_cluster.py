@@ -23,6 +23,7 @@ from services.common.cpus import available_cpus, deal_cpus
 from services.common.plan import Plan
 from services.launcher.cluster import LocalCluster
 from services.launcher.preflight import split_experts
+from support import wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -186,19 +187,13 @@ def test_redis_stopped_mid_run_generation_continues_on_the_cached_plan(cluster, 
     finally:
         cluster.start_process("redis")
         cluster.wait_serving("redis")
-    deadline = time.monotonic() + 30
     store, keys = redis_store.connect(cluster.redis_url), redis_store.Keys(cluster.cluster)
-    while len(redis_store.list_replicas(store, keys, "expert")) < len(cluster.names("expert")):
-        # heartbeats re-register every replica into the empty Redis
-        assert time.monotonic() < deadline, "replicas did not re-register after Redis returned"
-        time.sleep(0.2)
-    while True:  # the router republishes a complete plan once the replicas are back
-        found = redis_store.read_plan(store, keys)
-        if found is not None:
-            assert not Plan.from_json(found[1]).missing, "the router declared live experts missing"
-            break
-        assert time.monotonic() < deadline, "no plan after Redis returned"
-        time.sleep(0.2)
+    # heartbeats re-register every replica into the empty Redis
+    wait_until(lambda: len(redis_store.list_replicas(store, keys, "expert")) >= len(cluster.names("expert")), 30,
+               "replicas to re-register after Redis returned", interval=0.2)
+    # the router republishes a complete plan once the replicas are back
+    found = wait_until(lambda: redis_store.read_plan(store, keys), 30, "a plan after Redis returned", interval=0.2)
+    assert not Plan.from_json(found[1]).missing, "the router declared live experts missing"
 
 
 def test_replica_killed_mid_request_is_retried_elsewhere_with_the_same_tokens(cluster, reference):

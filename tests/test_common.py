@@ -23,22 +23,7 @@ from services.common.ports import free_port
 from services.common.redis_poller import REDIS_ERRORS, RedisPoller
 from services.common.redis_server import RedisServer
 from services.common.server import Service
-
-
-def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-@pytest.fixture(scope="module")
-def redis_server():
-    with RedisServer() as server:
-        yield server
+from support import wait_until
 
 
 @pytest.fixture
@@ -498,6 +483,7 @@ print(sum(faults[10:]) / len(faults[10:]))
 """
 
 
+@pytest.mark.slow
 def test_keeping_freed_memory_stops_a_step_threads_buffers_from_faulting_in_afresh():
     def faults_per_step(mode: str) -> float:
         done = subprocess.run([sys.executable, "-c", PAGE_FAULTS_PER_STEP, mode], capture_output=True, text=True,

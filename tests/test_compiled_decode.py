@@ -13,7 +13,8 @@ from model.compiled_decode import CompiledDecoder, compiled_steps
 from model.checkpoint import load_model
 from model.generate import Engine, GenerationRequest, SamplingParams
 
-pytestmark = pytest.mark.skipif(not CompiledDecoder.available(), reason="needs a C++ compiler for inductor")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not CompiledDecoder.available(), reason="needs a C++ compiler for inductor")]
 
 # (step at which the request joins, request): one sequence, then two, three, six, then fewer
 # until one is left again; every graph (one, 2 to 4 and more than 4 sequences) gets its turn.

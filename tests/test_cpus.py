@@ -47,6 +47,7 @@ print(json.dumps({"threads": threads, "torch_threads": torch.get_num_threads()})
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(len(available_cpus()) < 2, reason="pinning to one CPU of one changes nothing to observe")
 def test_pinning_holds_every_thread_of_the_process_started_before_or_after_and_sizes_torch():
     cpu = available_cpus()[-1]
@@ -59,6 +60,7 @@ def test_pinning_holds_every_thread_of_the_process_started_before_or_after_and_s
     assert report["torch_threads"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("service", ["attention", "expert"])
 def test_a_cpu_list_outside_the_host_is_refused_in_one_line_before_loading(v3_checkpoint, service):
     path, _ = v3_checkpoint

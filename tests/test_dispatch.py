@@ -169,6 +169,7 @@ def test_remote_experts_in_an_eager_step_call_the_dispatcher_and_raise_its_failu
         experts.combine(experts.dispatch(x, ids, weights))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(TorchVersion(torch.__version__) < COMPILED_REMOTE_EXPERTS_TORCH,
                     reason="torch < 2.13's C++ wrapper crashes when an operator raises (workers refuse --compile-decode there)")
 def test_remote_experts_in_a_compiled_graph_dispatch_and_combine_like_the_dispatcher():
@@ -252,6 +253,7 @@ def test_a_layer_whose_experts_are_all_local_needs_no_replica_at_all():
     assert not transport.replicas
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(TorchVersion(torch.__version__) < COMPILED_REMOTE_EXPERTS_TORCH,
                     reason=f"compiled remote experts need torch >= {COMPILED_REMOTE_EXPERTS_TORCH}")
 @torch.no_grad()

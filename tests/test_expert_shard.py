@@ -4,11 +4,9 @@ Redis whose death fails pending dispatches fast."""
 
 from __future__ import annotations
 
-import os
 import queue
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -31,8 +29,8 @@ from services.transport import make_transport
 from services.transport.grpc_transport import GrpcExpertClient
 from services.wire.batch import ExpertBatch
 from services.wire.failures import ReplicaUnavailable
+from support import start_service, stop_process, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
 HELD = [0, 2, 5, 7]
 H, K, E = 64, 3, 8
 
@@ -67,17 +65,6 @@ def random_batch(layer: int, tokens: int, seed: int, held: list[int] = HELD) -> 
 
 def metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-def wait_until(condition, timeout: float, what: str, log: Path | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{tail}")
 
 
 @pytest.fixture(scope="module")
@@ -363,13 +350,10 @@ def test_unreachable_replica_fails_fast_and_make_transport_rejects_unknown_names
 # ---- a real process with a real Redis -------------------------------------------------------
 
 def _start_expert(path, redis_url: str, port: int, replica_id: str, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "services.expert", "--model", str(path), "--experts", "0,2,5,7",
-           "--host", "127.0.0.1", "--advertise-host", "127.0.0.1", "--port", str(port),
-           "--metrics-port", "0", "--redis-url", redis_url, "--cluster", "shardtest",
-           "--replica-id", replica_id, "--dtype", "float32", "--plane", "1"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log, "wb") as out:
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+    return start_service("services.expert", "--model", str(path), "--experts", "0,2,5,7",
+                         "--host", "127.0.0.1", "--advertise-host", "127.0.0.1", "--port", str(port),
+                         "--metrics-port", "0", "--redis-url", redis_url, "--cluster", "shardtest",
+                         "--replica-id", replica_id, "--dtype", "float32", "--plane", "1", log=log)
 
 
 @pytest.mark.cluster
@@ -385,7 +369,7 @@ def test_expert_process_registers_serves_and_its_death_fails_pending_dispatches(
                      for i in range(2)]
             records = wait_until(lambda: len(list_replicas(rdb, keys, "expert")) == 2 and
                                  list_replicas(rdb, keys, "expert"), 90, "both replicas to register",
-                                 tmp_path / "e0.log")
+                                 log=tmp_path / "e0.log")
             by_id = {r.id: r for r in records}
             assert by_id["e0"].endpoints == {"grpc": f"127.0.0.1:{ports[0]}"}
             assert by_id["e0"].experts == HELD and by_id["e0"].shard == "shard-0-7" and by_id["e0"].plane == 1
@@ -431,9 +415,7 @@ def test_expert_process_registers_serves_and_its_death_fails_pending_dispatches(
             other.close()
         finally:
             for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(5)
+                stop_process(proc)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (a shard on a GPU)")

@@ -10,10 +10,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
-from fake_workers import FakeWorker, wait_for
+from fake_workers import FakeWorker
 from moe.v1 import inference_pb2_grpc
 from services.client import ClientError, build_request
 from services.gateway.balancer import Balancer, WorkerInfo
+from support import wait_until
 
 W = [WorkerInfo(f"w{i}", f"127.0.0.1:{1000 + i}") for i in range(3)]
 
@@ -151,7 +152,7 @@ def test_client_cancel_cancels_the_upstream_call(gateway):
     while upstreams.balancer.in_flight() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert upstreams.balancer.in_flight() == 0
-    assert wait_for(lambda: _count("CANCELLED") == cancelled_before + 1)
+    wait_until(lambda: _count("CANCELLED") == cancelled_before + 1, what="the cancel counted")
 
 
 def test_client_cancel_while_the_worker_is_silent_cancels_the_upstream_call(gateway):
@@ -162,7 +163,7 @@ def test_client_cancel_while_the_worker_is_silent_cancels_the_upstream_call(gate
     next(stream)
     stream.close()
     assert fake.cancelled.wait(5.0)
-    assert wait_for(lambda: upstreams.balancer.in_flight() == 0)
+    wait_until(lambda: upstreams.balancer.in_flight() == 0, what="no call in flight")
     fake.gate.set()
 
 
@@ -202,7 +203,7 @@ def test_a_client_that_stops_reading_is_stopped_past_max_unread_and_keeps_what_w
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "read too slowly" in err.value.details() and "--max-unread 64" in err.value.details()
     assert 64 < len(ids) < 1_000_000 and ids == list(range(10, 10 + len(ids)))  # in order, none dropped
-    assert wait_for(lambda: upstreams.balancer.in_flight() == 0)
+    wait_until(lambda: upstreams.balancer.in_flight() == 0, what="no call in flight")
     stream = client.stream(prompt_ids=[1], max_new_tokens=3)  # the session serves on
     assert next(stream).id == 10
     stream.close()
@@ -243,7 +244,7 @@ def test_worker_ending_its_session_fails_its_streams_and_the_next_request_opens_
         with pytest.raises(ClientError) as err:
             list(stream)
         assert err.value.code == "UNAVAILABLE" and message in err.value.message
-    assert wait_for(lambda: upstreams.balancer.in_flight() == 0)
+    wait_until(lambda: upstreams.balancer.in_flight() == 0, what="no call in flight")
     assert _count("UNAVAILABLE") == before + 3
     fake.gate.set()
     assert client.generate(prompt_ids=[1], max_new_tokens=3).tokens == [10, 11, 12]

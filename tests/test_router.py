@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import grpc
 import pytest
@@ -20,8 +16,8 @@ from services.common.ports import free_port
 from services.common.redis_server import RedisServer
 from services.common.redis_store import DRAINING, ReplicaRecord
 from services.router import placement
+from support import start_service, stop_process, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [1, 2]
 N = 8
 
@@ -116,16 +112,6 @@ TINY_CONFIG = dict(
 )
 
 
-def wait_until(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("tiny-config")
@@ -133,18 +119,15 @@ def cluster(tmp_path_factory):
     log_path = model_dir / "router.log"
     with RedisServer() as redis_server:
         port = free_port()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "MOE_REDIS_URL": redis_server.url}
-        cmd = [sys.executable, "-m", "services.router", "--model", str(model_dir), "--host", "127.0.0.1",
-               "--port", str(port), "--metrics-port", "0", "--cluster", "rt", "--poll-interval", "0.1",
-               "--grace", "1"]
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = start_service("services.router", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+                             "--metrics-port", "0", "--cluster", "rt", "--poll-interval", "0.1", "--grace", "1",
+                             log=log_path, env={"MOE_REDIS_URL": redis_server.url})
         try:
             def up():
                 if proc.poll() is not None:
                     raise AssertionError(f"router exited {proc.returncode}: {log_path.read_text()}")
                 return healthcheck.check("127.0.0.1", port, "moe.v1.Router", timeout=0.5)[0]
-            wait_until(up, what="router SERVING")
+            wait_until(up, 10, "router SERVING")
             client = redis_store.connect(redis_server.url)
             channel = grpc.insecure_channel(f"127.0.0.1:{port}")
             yield dict(proc=proc, port=port, client=client, keys=redis_store.Keys("rt"),
@@ -152,9 +135,7 @@ def cluster(tmp_path_factory):
             channel.close()
             client.close()
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(5)
+            stop_process(proc)
 
 
 def register(cluster, record) -> redis_store.Registry:
@@ -178,7 +159,7 @@ def test_router_process_publishes_plans_drains_and_reports_status(cluster):
                   register(cluster, rec("e-high-p0", range(4, 8), plane=0, shard="hi"))]
     try:
         full = wait_until(lambda: (p := stored_plan(cluster)) is not None and len(p.replicas) == 3 and p,
-                          what="plan with 3 replicas")
+                          10, "plan with 3 replicas")
         assert full.missing == [] and full.version >= 1
         assert full.n_routed_experts == 8 and sorted(full.layers) == [1, 2]
         on_plane_1 = full.ordered_for_plane(1)
@@ -219,7 +200,7 @@ def test_router_process_publishes_plans_drains_and_reports_status(cluster):
         # A replica that dies (deregisters) leaves the plan.
         registries[2].deregister()
         dead = wait_until(lambda: (p := stored_plan(cluster)) is not None and "e-high-p0" not in p.replicas and p,
-                          what="dead replica removed")
+                          10, "dead replica removed")
         assert ids(dead, 1, 7) == ["e-high-p1"]
     finally:
         for registry in registries:
