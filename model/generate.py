@@ -140,14 +140,15 @@ class Engine:
     ):
         """On CUDA, decode steps replay captured graphs (prefill stays eager) while the routed
         experts are local. With `compile_cpu`, CPU decode steps of up to 16 sequences run graphs
-        compiled by torch.compile (`CompiledDecoder`: ~3-4x faster at batch 1 and 1.8-2.5x at
-        batch 16, after ~20-45 s of compiling per graph on first use, so it suits long-running
-        generators). CUDA graphs need local experts; compiled CPU steps also call remote ones
+        compiled by torch.compile (`CompiledDecoder`: several times faster at small batches, see
+        docs/performance.md, after ~20-45 s of compiling per graph on first use, so it suits
+        long-running generators). CUDA graphs need local experts; compiled CPU steps also call remote ones
         (an attention worker's, through custom operators). Otherwise decode runs eagerly."""
         self.model = model
         self.cfg = model.cfg
         self.device = model.head.weight.device
         self.cache = model.new_cache(cache_tokens)
+        model.prepare_decode()
         if cuda_graphs and self.device.type == "cuda":
             self.graphs: GraphDecoder | CompiledDecoder | None = GraphDecoder(model, self.cache)
         elif compile_cpu and self.device.type == "cpu":
