@@ -125,8 +125,8 @@ def sample(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Gene
 
 def sample_rows(logits: torch.Tensor, rows: list[tuple[SamplingParams, torch.Generator | None]]) -> list[tuple[int, float]]:
     """logits: [B, V] -> `sample` of each row under its own (sampling, generator). Greedy rows
-    share one log-softmax, its max and the host copies: per row, those cost a decode step at
-    batch 16 about 0.7 ms on CPU, and a host synchronisation each on a GPU."""
+    share one log-softmax, its max and the host copies: per row, those add up over a batch on CPU
+    (docs/performance.md), and cost a host synchronisation each on a GPU."""
     best, tokens = torch.log_softmax(logits.float(), dim=-1).max(dim=-1)  # [B], [B]: the argmax and its logprob
     greedy = list(zip(tokens.tolist(), best.tolist()))
     return [greedy[i] if sampling.temperature == 0 else sample(logits[i], sampling, generator) for i, (sampling, generator) in enumerate(rows)]

@@ -13,8 +13,8 @@ from model.moe import ExpertBank, MoE
 
 
 def attention_dtype(param_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """Dtype of the absorbed attention math: fp32 on CPU (bf16 batched matmuls there run ~3x
-    slower than fp32 ones on these small tensors), the model's dtype on accelerators."""
+    """Dtype of the absorbed attention math: fp32 on CPU (bf16 batched matmuls there run slower
+    than fp32 ones on these small tensors, docs/performance.md), the model's dtype on accelerators."""
     return torch.float32 if device.type == "cpu" else param_dtype
 
 

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import torch
 
 BLOCK = 128  # quantisation block: 1x128 for activations, 128x128 for weights
-E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
 
 @dataclass(frozen=True)
@@ -255,11 +254,9 @@ def pick_config(m: int, n: int, k: int, num_experts: int, max_rows_per_group: in
     """Launch config from static shapes only (so it is fixed across CUDA-graph replays).
 
     Decode (few rows per expert): BLOCK_M 16 with the swapped layout (wgmma, N tile on the MMA's
-    M side), BLOCK_N 64. On an H200 with DeepSeek-V2-Lite experts (w13 [64, 2816, 2048], w2
-    [64, 2048, 1408], 1-64 tokens top-6) this was the best or within 3% of the best of 12 configs
-    (BLOCK_M 16/32/64, BLOCK_N 32/64/128, 4/8 warps, 3-6 stages, swapped or not); the spread was
-    under 10%. Larger batches: bigger BLOCK_M so each weight tile serves more rows (tested for
-    correctness, not tuned)."""
+    M side), BLOCK_N 64, the best or near it of the configs tried on DeepSeek-V2-Lite experts
+    (docs/performance.md). Larger batches: bigger BLOCK_M so each weight tile serves more rows
+    (tested for correctness, not tuned)."""
     rows_per_expert = m / max(1, min(num_experts, m))
     if rows_per_expert <= 16 or max_rows_per_group <= 16:
         return GemmConfig(block_m=16, block_n=64 if n <= 4096 else 128, num_warps=4, num_stages=4, swap_ab=True)
