@@ -43,6 +43,7 @@ class MLA(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=False)
         # (W_UK [H, nope, C], W_UV^T [H, C, v]) in the attention dtype, once `prepare_decode` ran
         self.absorbed: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._absorbed_key: tuple | None = None  # the wkv_b `absorbed` was built from
 
     def _queries(self, x: torch.Tensor, rot: torch.Tensor):
         B, S, _ = x.shape
@@ -64,10 +65,15 @@ class MLA(nn.Module):
         return w[:, : self.nope_dim], w[:, self.nope_dim :]  # W_UK [H, nope, C], W_UV [H, v, C]
 
     def prepare_decode(self, dtype: torch.dtype) -> None:
-        """Lay W_UK and W_UV out for the absorbed path once, so a decode step (and a graph built
-        from it) reads them instead of re-laying them out per layer. A later change to wkv_b
-        needs another call."""
-        self.absorbed = self.absorb(dtype)
+        """Lay W_UK and W_UV out for the absorbed path, so a decode step (and a graph built from
+        it) reads them instead of re-laying them out per layer. Kept while wkv_b stays the same
+        (tensor and in-place version): graphs built earlier hold these very tensors. A later
+        change to wkv_b needs another call."""
+        w = self.wkv_b.weight
+        key = (w.data_ptr(), w._version, dtype, w.device)
+        if self._absorbed_key != key:
+            self.absorbed = self.absorb(dtype)
+            self._absorbed_key = key
 
     def absorb(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_UK [H, nope, C], W_UV^T [H, C, v]) contiguous in `dtype`."""

@@ -6,8 +6,8 @@ model/ computes everything the plain way. What a backend does faster is installe
 - Expert compute: a function `(bank, x [T, D], ids [T, K], weights [T, K]) -> [T, D]` set as
   `ExpertBank.compute` (`ExpertBank.reference` until then). `expert_compute` picks it:
   cuda.grouped_experts (sync-free grouped GEMMs, FP8 ones for FP8 banks) on CUDA and for banks
-  that absorbed shared experts or hold FP8 weights; cpu.sorted_experts for eager CPU steps;
-  cpu.pair_experts for compiled CPU graphs.
+  that absorbed shared experts or hold FP8 weights, cpu.sorted_experts for eager CPU steps;
+  cpu.pair_experts stands in while a compiled CPU decode graph is traced.
 - Weights: on CUDA the shared experts join the routed ones in their bank (one grouped GEMM each).
 - Module classes: on CPU the LM head becomes cpu.PackedLMHead (oneDNN-prepacked weight), and
   while a decode graph is traced (cpu.compiled_variants) linears and head stream their weights.
