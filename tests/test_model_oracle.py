@@ -224,3 +224,19 @@ def test_lm_head_prepacked_on_cpu_matches_linear_and_follows_weight_writes():
         assert torch.allclose(head(x[:1]), torch.nn.functional.linear(x[:1], head.weight), atol=1e-5)
         out = bf16(x.bfloat16())
     assert out.dtype == torch.float32 and out.shape == (5, 1, 300)
+
+
+def test_absorbed_attention_weights_are_kept_until_wkv_b_changes(v3_checkpoint):
+    """Decoders prepare the absorbed weights when built; a frozen compiled graph holds them as
+    constants, so preparing again (a new engine or decoder on the same model) must keep the same
+    tensors, and only a write to wkv_b may rebuild them."""
+    model = load_model(v3_checkpoint[0])
+    model.prepare_decode()
+    kept = [block.attn.absorbed for block in model.layers]
+    model.prepare_decode()
+    assert all(block.attn.absorbed is prior for block, prior in zip(model.layers, kept))
+    with torch.no_grad():
+        model.layers[0].attn.wkv_b.weight.mul_(2)
+    model.prepare_decode()
+    assert model.layers[0].attn.absorbed is not kept[0] and model.layers[1].attn.absorbed is kept[1]
+    assert torch.equal(model.layers[0].attn.absorbed[0], 2 * kept[0][0])
