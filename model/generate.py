@@ -142,8 +142,9 @@ class Engine:
         experts are local. With `compile_cpu`, CPU decode steps of up to 16 sequences run graphs
         compiled by torch.compile (`CompiledDecoder`: several times faster at small batches, see
         docs/performance.md, after ~20-45 s of compiling per graph on first use, so it suits
-        long-running generators). CUDA graphs need local experts; compiled CPU steps also call remote ones
-        (an attention worker's, through custom operators). Otherwise decode runs eagerly."""
+        long-running generators). CUDA graphs need local experts; compiled CPU steps also call
+        remote ones (an attention worker's, through custom operators). Otherwise decode runs
+        eagerly. Every way lays out the absorbed attention weights once, here."""
         self.model = model
         self.cfg = model.cfg
         self.device = model.head.weight.device
