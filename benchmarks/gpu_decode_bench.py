@@ -18,11 +18,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from model import kernels  # noqa: E402
 from model.checkpoint import checkpoint_name  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.cuda_graph import GraphDecoder  # noqa: E402
 from model.layers import RotaryEmbedding  # noqa: E402
-from model.moe import ExpertBank, MoE, grouped_mm  # noqa: E402
+from model.kernels.cuda import grouped_mm  # noqa: E402
+from model.moe import ExpertBank  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
 
 V2_LITE = dict(
@@ -67,9 +69,7 @@ def ours_from_transformers(hf) -> Transformer:
     for module in model.modules():
         if isinstance(module, ExpertBank):
             module.build_slot_table("cuda")
-    for block in model.layers:  # as load_model does on CUDA
-        if isinstance(block.ffn, MoE):
-            block.ffn.absorb_shared_into_experts()
+    kernels.install(model, "cuda")  # as load_model does
     return model.eval()
 
 
@@ -198,7 +198,8 @@ def expert_gemm_probe(D=2048, I=1408, E=64, K=6, tokens=(1, 16, 64)) -> None:
     grouped GEMM against the block-scaled FP8 grouped GEMM (activation quantisation included),
     random routing. Bandwidth counts the weights of the experts the routing touched."""
     from model.fp8 import quantize_stacked
-    from model.fp8_gemm import fp8_grouped_mm, quantize_1x128
+    from model.fp8 import quantize_1x128
+    from model.kernels.fp8_gemm import fp8_grouped_mm
 
     torch.manual_seed(0)
     for name, (n, k) in {"w13": (2 * I, D), "w2": (D, I)}.items():
@@ -261,6 +262,7 @@ def main() -> int:
         for module in ours.modules():
             if isinstance(module, ExpertBank):
                 module.quantize_fp8()
+        kernels.install(ours, "cuda")
         torch.cuda.empty_cache()
         print("routed experts as FP8 (128x128 block scales, 1x128 activation tiles):")
         print(f"{'batch':>5} {'ours fp8 graph ms':>18} {'vs transformers':>16} {'vs bf16 graph':>14} {'roofline':>9} {'row-0 greedy tokens, fp8 vs bf16':>15}")

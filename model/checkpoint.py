@@ -16,11 +16,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from model import kernels
 from model.config import ModelConfig
 from model.errors import CheckpointError
 from model.fp8 import BLOCK as FP8_BLOCK
 from model.fp8 import dequantize_weight, quantize_weight
-from model.moe import ExpertBank, MoE
+from model.moe import ExpertBank
 from model.transformer import Transformer
 
 log = logging.getLogger("moe.model")
@@ -150,7 +151,7 @@ def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def fp8_experts_possible(cfg: ModelConfig, device: str | torch.device) -> tuple[bool, str]:
     """Whether routed experts can stay FP8 on `device`, and why not."""
-    from model.fp8_gemm import fp8_grouped_mm_available
+    from model.kernels.fp8_gemm import fp8_grouped_mm_available
 
     if not fp8_grouped_mm_available(torch.device(device)):
         return False, f"{device} has no FP8 grouped GEMM (needs Triton and a CUDA GPU of compute capability 8.9+)"
@@ -243,14 +244,11 @@ def load_model(
             _load_bank_fp8(ckpt, experts, block.layer, cfg.hidden_size, device)
         elif isinstance(experts, ExpertBank):
             _load_bank(ckpt, experts, block.layer, cfg.hidden_size, dtype, device)
-    if torch.device(device).type == "cuda":  # one grouped GEMM per projection for shared and routed experts
-        for block in model.layers:
-            if isinstance(block.ffn, MoE):
-                block.ffn.absorb_shared_into_experts()
     model.rotary = type(model.rotary)(cfg.rope, cfg.qk_rope_head_dim, cfg.max_position_embeddings, cfg.rope_interleave).to(device)
     for module in model.modules():
         if isinstance(module, ExpertBank):
             module.build_slot_table(device)
+    kernels.install(model, device)
     model.eval()
     log.info("model loaded from %s: %d layers, dtype %s%s, device %s", model_dir, cfg.num_hidden_layers, dtype,
              ", routed experts FP8" if fp8_experts else "", device)
@@ -294,6 +292,7 @@ def load_expert_banks(
             bank = ExpertBank(experts, cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         _load_bank(ckpt, bank, layer, cfg.hidden_size, dtype, device)
         bank.build_slot_table(device)
+        kernels.install(bank, device)
         banks[layer] = bank.eval()
         log.info("loaded layer %d experts %s", layer, _compact(bank.expert_ids))
     return banks

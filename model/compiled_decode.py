@@ -1,29 +1,30 @@
 """CPU decode steps of up to 16 sequences through a graph compiled by torch.compile (inductor).
 
 A small CPU decode step is bound by dispatching ~600 tensor ops of a few microseconds each and
-by weight reads that MKL's small-M GEMMs stream at ~11 GB/s here. In the compiled graph the
-small ops fuse, and every weight is multiplied as a product summed over its input dimension
-(`Linear` for up to 4 rows, and `ExpertBank._forward_pairs` for the routed experts, where each
-(token, expert) pair streams its expert's weights without gathering them, the pairs sorted by
-expert past 4 tokens), which inductor turns into kernels streaming weights at 20-33 GB/s on the
-same machine. Batch 1 decodes ~3-4x faster than eagerly (fp32: 2.3-3.2 against 8.7-11 ms).
+by weight reads that MKL's small-M GEMMs stream slowly. In the compiled graph the small ops
+fuse, and every weight is multiplied as a product summed over its input dimension (the
+streaming variants of model/kernels/cpu.py, installed while a graph is traced: linears for up to
+STREAMED_ROWS rows, and `pair_experts` for the routed experts, where each (token, expert) pair
+streams its expert's weights without gathering them), which inductor turns into kernels that
+stream weights several times faster. Figures: docs/performance.md.
 
-The graph for more than 4 sequences is compiled with inductor's freezing: weights become
-constants of the graph, and its linears run on oneDNN-packed copies (~1.5x MKL's throughput for
-16 rows here). A batch-16 step runs 1.8-2.5x faster than eagerly, although each (token, expert)
-pair reads its expert's weights again (sorted by expert, mostly from cache). Frozen weights are
-read once, at compile time, and graphs are kept per model object: a model whose weights change
-afterwards must be loaded again.
+The graph for more than STREAMED_ROWS sequences is compiled with inductor's freezing: weights
+become constants of the graph, and its linears run on oneDNN-packed copies, although each
+(token, expert) pair reads its expert's weights again (sorted by expert, mostly from cache).
+Frozen weights are read once, at compile time, and graphs are kept per model object: a model
+whose weights change afterwards must be loaded again.
 
 Every graph's wrapper is generated in C++, and after a decoder's first step of a graph dynamo's
-guards are no longer evaluated for it (see `compiled_steps`): together they took ~1 ms of a
-batch-1 step (4.3 against 3.0 ms in alternating runs).
+guards are no longer evaluated for it (see `compiled_steps`): both cut the Python left around
+a step. The same skipping is what lets the graph keep the streaming variants it traced while the
+model's eager steps use the eager kernels: a decoder installs the variants around each guarded
+(first) step only.
 
 The graph only reads the cache pool and returns the step's latents, which are stored after it:
 a compiled graph that wrote the pool would copy all of it every step. Shapes are dynamic (batch,
 context, pool size), so one graph serves every context length: compiling takes ~20-45 s each
-for single sequences, for 2 to 4 and for 5 to `max_batch` of them, on first use. Larger steps
-stay eager, where the expert loop reads each touched expert once.
+for single sequences, for 2 to STREAMED_ROWS and for more of them, on first use. Steps past
+`max_batch` stay eager, where the expert loop reads each touched expert once.
 """
 
 from __future__ import annotations
@@ -40,11 +41,12 @@ import torch._inductor.config
 import torch.fx.experimental._config
 
 from model.cuda_graph import raise_recompile_limit
+from model.kernels.cpu import STREAMED_ROWS, compiled_variants
 from model.kv_cache import LatentKVCache
-from model.layers import STREAMED_ROWS
 from model.transformer import Transformer, store_latents
 
-# the largest decode step that runs compiled (see the module docstring)
+# the largest decode step that runs compiled: past it the eager expert loop, which reads each
+# touched expert once, catches up with the pairs' repeated reads (docs/performance.md)
 COMPILED_BATCH = 16
 
 log = logging.getLogger("moe.model")
@@ -95,7 +97,7 @@ class CompiledDecoder:
         first, started = graph not in self.compiled, time.monotonic()
         if not first:
             # this decoder's model and graph were checked by dynamo's guards on the first step
-            # (see `compiled_steps`); evaluating them again took ~0.2-0.4 ms of a ~3 ms step
+            # (see `compiled_steps`); evaluating them again cost a noticeable share of a step
             context = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
         else:
             log.info("first CPU decode step for %s: compiles the graph unless this model has it (~20-45 s)", graph)
@@ -105,6 +107,8 @@ class CompiledDecoder:
             # happens to equal a weight's size (the head count, say) is not made one with it and
             # then specialised: the graph would fail on the next length, guards being skipped
             context = contextlib.ExitStack()
+            # the graph traces, and its guards check, the compiled CPU kernels
+            context.enter_context(compiled_variants(self.model))
             context.enter_context(torch._dynamo.config.patch(specialize_float=True))
             context.enter_context(torch.fx.experimental._config.patch(use_duck_shape=False))
             if len(seqs) > STREAMED_ROWS:
@@ -121,7 +125,7 @@ class CompiledDecoder:
 
 def graph_for(n: int) -> str:
     """Which compiled graph a step of n sequences runs: torch.compile specialises size-1
-    dimensions, and `Linear` streams weights for up to STREAMED_ROWS rows only."""
+    dimensions, and linears stream weights for up to STREAMED_ROWS rows only."""
     if n == 1:
         return "one sequence"
     return f"2 to {STREAMED_ROWS} sequences" if n <= STREAMED_ROWS else f"more than {STREAMED_ROWS} sequences"
@@ -137,9 +141,8 @@ def compiled_steps(model: Transformer) -> dict[str, object]:
     Each is a region of dynamo's cache of its own (`isolate_recompiles`), holding only that
     model's variants of that graph: after a decoder's first, guarded step of a graph, the graph's
     later steps skip guard evaluation and cannot be served another model's or graph's code. Every
-    wrapper is generated in C++ (the Python one spent ~0.5 ms of a ~3 ms batch-1 step and ~1.7 ms
-    of a ~12 ms batch-16 step); the graph for more than STREAMED_ROWS sequences is frozen (see
-    the module docstring)."""
+    wrapper is generated in C++ (the Python one cost a sizeable share of a step); the graph for
+    more than STREAMED_ROWS sequences is frozen (see the module docstring)."""
     if model not in _compiled_steps:
         raise_recompile_limit()
         _compiled_steps[model] = {

@@ -11,7 +11,7 @@ never touch a real sequence's latents.
 
 Where Triton is available, each layer runs through `torch.compile(Block.forward)` (inductor,
 static shapes) inside the graph: it fuses the norms, rotary, gating and expert bookkeeping, which
-halved the kernels a V2-Lite-sized step launches (2,528 -> 1,177 at batch 1 on an H200). Every
+halved the kernels a V2-Lite-sized step launches (docs/performance.md). Every
 layer of a kind shares one compiled graph per bucket; compiling costs ~10-30 s on a bucket's
 first use, so the decoder logs it.
 """

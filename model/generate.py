@@ -125,8 +125,8 @@ def sample(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Gene
 
 def sample_rows(logits: torch.Tensor, rows: list[tuple[SamplingParams, torch.Generator | None]]) -> list[tuple[int, float]]:
     """logits: [B, V] -> `sample` of each row under its own (sampling, generator). Greedy rows
-    share one log-softmax, its max and the host copies: per row, those cost a decode step at
-    batch 16 about 0.7 ms on CPU, and a host synchronisation each on a GPU."""
+    share one log-softmax, its max and the host copies: per row, those add up over a batch on CPU
+    (docs/performance.md), and cost a host synchronisation each on a GPU."""
     best, tokens = torch.log_softmax(logits.float(), dim=-1).max(dim=-1)  # [B], [B]: the argmax and its logprob
     greedy = list(zip(tokens.tolist(), best.tolist()))
     return [greedy[i] if sampling.temperature == 0 else sample(logits[i], sampling, generator) for i, (sampling, generator) in enumerate(rows)]
@@ -140,14 +140,16 @@ class Engine:
     ):
         """On CUDA, decode steps replay captured graphs (prefill stays eager) while the routed
         experts are local. With `compile_cpu`, CPU decode steps of up to 16 sequences run graphs
-        compiled by torch.compile (`CompiledDecoder`: ~3-4x faster at batch 1 and 1.8-2.5x at
-        batch 16, after ~20-45 s of compiling per graph on first use, so it suits long-running
-        generators). CUDA graphs need local experts; compiled CPU steps also call remote ones
-        (an attention worker's, through custom operators). Otherwise decode runs eagerly."""
+        compiled by torch.compile (`CompiledDecoder`: several times faster at small batches, see
+        docs/performance.md, after ~20-45 s of compiling per graph on first use, so it suits
+        long-running generators). CUDA graphs need local experts; compiled CPU steps also call
+        remote ones (an attention worker's, through custom operators). Otherwise decode runs
+        eagerly. Every way lays out the absorbed attention weights once, here."""
         self.model = model
         self.cfg = model.cfg
         self.device = model.head.weight.device
         self.cache = model.new_cache(cache_tokens)
+        model.prepare_decode()
         if cuda_graphs and self.device.type == "cuda":
             self.graphs: GraphDecoder | CompiledDecoder | None = GraphDecoder(model, self.cache)
         elif compile_cpu and self.device.type == "cpu":

@@ -20,33 +20,12 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # fp32 statistics whatever the activation dtype, then weight * x_hat.to(x.dtype), as the
-        # reference does. In fp32 that is F.rms_norm exactly (one dispatch, ~25% faster on CPU);
-        # for other dtypes F.rms_norm's casts cost ~2x the dispatched ops, so it is written out.
+        # reference does. In fp32 that is F.rms_norm exactly (one dispatch instead of several); for
+        # other dtypes F.rms_norm's casts would dispatch more ops than it saves, so it is written out.
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-
-
-# rows up to which a compiled CPU graph multiplies by a weight as a product summed over its input
-# dimension (see `Linear`)
-STREAMED_ROWS = 4
-
-
-class Linear(nn.Linear):
-    """nn.Linear that, inside a compiled CPU graph over a few rows, computes (w * x).sum(-1):
-    inductor turns that into one kernel streaming the weight at 2-3x the bandwidth of MKL's
-    small-M GEMMs (fp32, 2 cores, 1 MB weights, cold caches: 32 against 11 GB/s at one row,
-    85 against 153 us at two, 124 against 222 at four)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() <= STREAMED_ROWS:
-            # a view of x's storage, so inductor stores x once rather than recomputing its
-            # producers (an RMSNorm, say) for every output row inside the streaming loop: ~15%
-            # off a batch-1 step
-            x = x.as_strided(x.shape, x.stride())
-            return (self.weight.float() * x[..., None, :].float()).sum(-1).to(x.dtype)  # [.., out]
-        return super().forward(x)
 
 
 class MLP(nn.Module):
@@ -54,33 +33,19 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, inter_dim: int):
         super().__init__()
-        self.w1 = Linear(dim, inter_dim, bias=False)  # gate_proj
-        self.w2 = Linear(inter_dim, dim, bias=False)  # down_proj
-        self.w3 = Linear(dim, inter_dim, bias=False)  # up_proj
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)  # gate_proj
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)  # down_proj
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-class LMHead(Linear):
-    """The output projection [.., D] -> fp32 logits [.., V]; on CPU it runs on a oneDNN-prepacked
-    fp32 copy of the weight. MKL sgemm handles this wide, short shape badly: [16, 512] x
-    [512, 8192] measured 6-25 ms with F.linear against ~2 ms prepacked (0.4 ms against 2.3 ms for
-    one row). oneDNN packs bf16 only on AVX-512/AVX-NE-CONVERT CPUs, so a bf16 model's head also
-    runs in fp32 here (one extra fp32 copy of the head; logits are fp32 anyway). Inside a compiled
-    CPU graph it streams the weight like `Linear` instead."""
-
-    _packed_key: tuple | None = None
+class LMHead(nn.Linear):
+    """The output projection [.., D] -> fp32 logits [.., V]."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() or x.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-            return super().forward(x).float()
-        w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype)  # repack only when the weight changes
-        if self._packed_key != key:
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().float(), None)
-            self._packed_key = key
-        return torch.ops.mkldnn._linear_pointwise(x.float(), self._packed, None, "none", [], "")
+        return super().forward(x).float()
 
 
 def rope_inverse_frequencies(rope: RopeConfig, dim: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
-from model.layers import Linear, RMSNorm, rotate
+from model.layers import RMSNorm, rotate
 
 
 class MLA(nn.Module):
@@ -32,16 +32,18 @@ class MLA(nn.Module):
         self.softmax_scale = cfg.softmax_scale
         qk_head_dim = cfg.qk_head_dim
         if cfg.q_lora_rank is None:
-            self.wq = Linear(cfg.hidden_size, self.n_heads * qk_head_dim, bias=False)
+            self.wq = nn.Linear(cfg.hidden_size, self.n_heads * qk_head_dim, bias=False)
         else:
-            self.wq_a = Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
+            self.wq_a = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
             self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-            self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * qk_head_dim, bias=False)
-        self.wkv_a = Linear(cfg.hidden_size, cfg.kv_lora_rank + self.rope_dim, bias=False)
+            self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * qk_head_dim, bias=False)
+        self.wkv_a = nn.Linear(cfg.hidden_size, cfg.kv_lora_rank + self.rope_dim, bias=False)
         self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
-        self.wkv_b = Linear(cfg.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
-        self.wo = Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=False)
-        self._absorbed_key: tuple | None = None  # see absorbed_weights
+        self.wkv_b = nn.Linear(cfg.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.wo = nn.Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=False)
+        # (W_UK [H, nope, C], W_UV^T [H, C, v]) in the attention dtype, once `prepare_decode` ran
+        self.absorbed: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._absorbed_key: tuple | None = None  # the wkv_b `absorbed` was built from
 
     def _queries(self, x: torch.Tensor, rot: torch.Tensor):
         B, S, _ = x.shape
@@ -62,20 +64,19 @@ class MLA(nn.Module):
         w = self.wkv_b.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         return w[:, : self.nope_dim], w[:, self.nope_dim :]  # W_UK [H, nope, C], W_UV [H, v, C]
 
-    def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W_UK [H, nope, C], W_UV^T [H, C, v]) contiguous in `dtype`, rebuilt only when wkv_b
-        changes (new tensor or in-place write), so a decode step does no per-layer re-layout."""
-        if torch.compiler.is_compiling():
-            # traced once per compiled graph; decoders warm the cache first (`Transformer.prepare_decode`)
-            return self._absorbed if self._absorbed_key is not None else self._absorb(dtype)
+    def prepare_decode(self, dtype: torch.dtype) -> None:
+        """Lay W_UK and W_UV out for the absorbed path, so a decode step (and a graph built from
+        it) reads them instead of re-laying them out per layer. Kept while wkv_b stays the same
+        (tensor and in-place version): graphs built earlier hold these very tensors. A later
+        change to wkv_b needs another call."""
         w = self.wkv_b.weight
         key = (w.data_ptr(), w._version, dtype, w.device)
         if self._absorbed_key != key:
-            self._absorbed = self._absorb(dtype)
+            self.absorbed = self.absorb(dtype)
             self._absorbed_key = key
-        return self._absorbed
 
-    def _absorb(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def absorb(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_UK [H, nope, C], W_UV^T [H, C, v]) contiguous in `dtype`."""
         w_uk, w_uv = self._split_wkv_b()
         return w_uk.to(dtype).contiguous(), w_uv.transpose(1, 2).to(dtype).contiguous()
 
@@ -109,7 +110,7 @@ class MLA(nn.Module):
         B, S, _ = x.shape
         H, C = self.n_heads, self.kv_lora_rank
         dtype = context.dtype
-        w_uk, w_uv_t = self.absorbed_weights(dtype)
+        w_uk, w_uv_t = self.absorbed if self.absorbed is not None else self.absorb(dtype)
         q_nope, q_rope = self._queries(x, rot)
         q_nope = q_nope.to(dtype).reshape(B * S, H, self.nope_dim).transpose(0, 1)  # [H, B*S, nope]
         q_latent = torch.bmm(q_nope, w_uk).view(H, B, S, C).transpose(0, 1)  # [B, H, S, C]

@@ -6,14 +6,14 @@ runtime can swap the local `ExpertBank` for one that sends the work to remote sh
 
 from __future__ import annotations
 
-import math
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
+from model.fp8 import dequantize_weight, quantize_stacked
 from model.layers import MLP
 
 
@@ -65,32 +65,6 @@ class Gate(nn.Module):
         return ids, weights * self.scale
 
 
-def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """a: [M, K] rows grouped; b: [G, K, N]; offsets: [G] int32 end row of each group -> [M, N]
-    (rows past offsets[-1] are left undefined). One kernel for all groups on Hopper (bf16);
-    elsewhere a gather of each row's weight + bmm: slow but just as sync-free (on CPU still
-    ~30x faster than _grouped_mm, a reference loop there)."""
-    if not (a.is_cuda and a.dtype == torch.bfloat16):
-        group = torch.searchsorted(offsets, torch.arange(a.shape[0], device=a.device, dtype=torch.int32), right=True)
-        return torch.bmm(a[:, None, :], b[group.clamp(max=b.shape[0] - 1)]).squeeze(1)
-    fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
-    return fn(a, b, offs=offsets)
-
-
-def group_by_key(key: torch.Tensor, n_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """key: [P] values in [0, n_keys) -> (order [P]: a stable permutation that groups equal keys
-    in key order, counts [n_keys]). A counting sort from one-hot prefix sums, a few fusable
-    elementwise kernels: argsort's radix sort took 27 us per MoE layer of a batch-64 decode step
-    on an H200, longer than the layer's attention projections."""
-    onehot = (key[:, None] == torch.arange(n_keys, device=key.device)).to(torch.int32)  # [P, n_keys]
-    counts = onehot.sum(0, dtype=torch.int32)  # [n_keys]
-    rank = (onehot.cumsum(0, dtype=torch.int32) * onehot).sum(1, dtype=torch.int32) - 1  # [P] place within its key
-    starts = counts.cumsum(0, dtype=torch.int32) - counts  # [n_keys] first row of each key
-    dest = (starts[key] + rank).long()  # [P]
-    order = torch.empty_like(dest).scatter_(0, dest, torch.arange(key.numel(), device=key.device))
-    return order, counts
-
-
 class RoutedExperts(Protocol):
     """Where a MoE block's routed experts run: in this process or on remote shards."""
 
@@ -102,20 +76,17 @@ class RoutedExperts(Protocol):
     def combine(self, handle: object) -> torch.Tensor: ...
 
 
-# rows per expert up to which the CPU loop multiplies weight-left (see _experts_one_by_one)
-THIN_ROWS = 8
-# tokens from which a compiled CPU graph sorts its (token, expert) pairs by expert (_forward_pairs)
-SORTED_PAIRS_FROM = 4
-
-
 class ExpertBank(nn.Module):
     """One layer's routed experts, all of them or a subset, addressed by logical expert id.
 
     Weights are stacked so an expert is a slice, not a module: w13 [E, 2I, D] holds gate and up
-    projections together, w2 [E, D, I] the down projections. After `keep_fp8` (GPUs with FP8
-    tensor cores) they stay float8_e4m3fn with DeepSeek's 128x128 block scales (w13_scale
-    [E, 2I/128, D/128], w2_scale [E, D/128, I/128]) and the grouped path multiplies them with
-    block-scaled FP8 GEMMs over activations quantised per 1x128 tile.
+    projections together, w2 [E, D, I] the down projections. After `keep_fp8` they stay
+    float8_e4m3fn with DeepSeek's 128x128 block scales (w13_scale [E, 2I/128, D/128], w2_scale
+    [E, D/128, I/128]).
+
+    `forward` runs `compute(bank, x, ids, weights)`: `reference` below unless a kernel from
+    model/kernels was installed when the bank was loaded (or a decoder built), which computes the
+    same sum faster on its hardware.
     """
 
     traceable = True
@@ -131,7 +102,7 @@ class ExpertBank(nn.Module):
         self.register_buffer("w13_scale", None, persistent=False)
         self.register_buffer("w2_scale", None, persistent=False)
         self.shared_slots = 0  # trailing slots every token uses with weight 1 (see absorb_shared)
-        self.grouped: bool | None = None  # None: one grouped GEMM on CUDA, a loop elsewhere
+        self.compute: Callable[[ExpertBank, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = ExpertBank.reference
         self.build_slot_table(self.w13.device)
 
     def build_slot_table(self, device: torch.device | str) -> None:
@@ -141,30 +112,26 @@ class ExpertBank(nn.Module):
         self.slot_of = slot
 
     def keep_fp8(self, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor) -> None:
-        """Hold FP8 weights (shapes as in the class docstring) instead of dense ones."""
-        from model.fp8_gemm import fp8_grouped_mm_available
-
-        if not fp8_grouped_mm_available(w13.device):
-            raise ValueError(f"FP8 expert GEMMs need Triton and a CUDA device of compute capability 8.9+ (got {w13.device})")
+        """Hold FP8 weights (shapes as in the class docstring) instead of dense ones. A kernel
+        chosen for the dense ones no longer applies: `compute` is the reference until the next
+        choice (model.kernels.install)."""
         self.w13 = nn.Parameter(w13, requires_grad=False)
         self.w2 = nn.Parameter(w2, requires_grad=False)
         self.w13_scale, self.w2_scale = w13_scale.float(), w2_scale.float()
-        self.grouped = True
+        self.compute = ExpertBank.reference
 
     def absorb_shared(self, shared: MLP) -> None:
         """Take a shared-experts MLP [D -> S*I -> D] in as S more experts that every token uses
         with weight 1, so one grouped GEMM per projection serves shared and routed experts alike:
         splitting SwiGLU's hidden dimension into S slices and summing their outputs is the same
-        MLP. On GPUs this drops the shared MLP's four kernels per layer; FP8 banks quantise the
-        shared weights too (DeepSeek's FP8 checkpoints store them in FP8 as well)."""
+        MLP. FP8 banks quantise the shared weights too (DeepSeek's FP8 checkpoints store them in
+        FP8 as well). As with `keep_fp8`, `compute` is the reference until the next choice."""
         inter = self.inter_dim
         n = shared.w1.out_features // inter
         w1, w3 = shared.w1.weight.view(n, inter, -1), shared.w3.weight.view(n, inter, -1)  # [S, I, D]
         w2 = shared.w2.weight.view(-1, n, inter).transpose(0, 1)  # [S, D, I]
         dense13, dense2 = torch.cat([w1, w3], dim=1), w2
         if self.is_fp8:
-            from model.fp8 import quantize_stacked
-
             q13, s13 = quantize_stacked(dense13)
             q2, s2 = quantize_stacked(dense2)
             self.keep_fp8(torch.cat([self.w13, q13]), torch.cat([self.w13_scale, s13]),
@@ -173,162 +140,54 @@ class ExpertBank(nn.Module):
             self.w13 = nn.Parameter(torch.cat([self.w13, dense13.to(self.w13.dtype)]), requires_grad=False)
             self.w2 = nn.Parameter(torch.cat([self.w2, dense2.to(self.w2.dtype)]), requires_grad=False)
         self.shared_slots = n
-        self.grouped = True
+        self.compute = ExpertBank.reference
 
     def quantize_fp8(self) -> None:
         """Replace dense weights by their FP8 quantisation (DeepSeek's 128x128 blocks)."""
-        from model.fp8 import quantize_stacked
-
         self.keep_fp8(*quantize_stacked(self.w13), *quantize_stacked(self.w2))
 
     @property
     def is_fp8(self) -> bool:
         return self.w13.dtype == torch.float8_e4m3fn
 
+    def pairs(self, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, weights) [T, K] -> (local slots, fp32 weights) [T, K + S]: -1 for ids not held
+        here, then the S shared slots (see absorb_shared) that every token uses with weight 1."""
+        slots = self.slot_of[ids.long()]  # [T, K]
+        if not self.shared_slots:
+            return slots, weights.float()
+        E, T = self.w13.shape[0], ids.shape[0]
+        shared = torch.arange(E - self.shared_slots, E, device=ids.device).expand(T, -1)  # [T, S]
+        ones = torch.ones(shared.shape, device=ids.device)
+        return torch.cat([slots, shared], dim=1), torch.cat([weights.float(), ones], dim=1)
+
+    def expert_weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13 [2I, D], w2 [D, I]) of one slot, dense."""
+        if not self.is_fp8:
+            return self.w13[slot], self.w2[slot]
+        return (dequantize_weight(self.w13[slot], self.w13_scale[slot], torch.float32),
+                dequantize_weight(self.w2[slot], self.w2_scale[slot], torch.float32))
+
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: [T, D]; ids: [T, K] logical ids (-1 or ids not held are skipped); weights: [T, K].
+        Returns [T, D] = sum over held slots of weight * expert(x), accumulated in fp32."""
+        return self.compute(self, x, ids, weights)
 
-        Returns [T, D] = sum over held slots of weight * expert(x), accumulated in fp32.
-        `grouped` picks one grouped GEMM over all experts (no host sync, fixed shapes: what a
-        CUDA graph needs); a compiled CPU graph multiplies pair by pair (`_forward_pairs`); otherwise the pairs are sorted by expert on the host and only the
-        experts that received tokens run (CPU: grouped GEMM has no fast kernel there).
-        """
-        if self.grouped is None and not x.is_cuda and torch.compiler.is_compiling():
-            return self._forward_pairs(x, ids, weights)
-        grouped = x.is_cuda if self.grouped is None else self.grouped
-        return self._forward_grouped(x, ids, weights) if grouped else self._forward_sorted(x, ids, weights)
-
-    def _forward_pairs(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Every (token, expert) pair multiplied by its expert's weights as a product summed over
-        the input dimension, with no grouping: in a compiled CPU graph each projection becomes one
-        kernel that streams each pair's weights without gathering them (what a decode step of a
-        few tokens wants: its pairs rarely share an expert). Past SORTED_PAIRS_FROM tokens the
-        pairs are sorted by expert first (batch 16: ~8% off the compiled step)."""
-        T, K = ids.shape
-        slots = self.slot_of[ids.long()]  # [T, K] local slot or -1
-        w = torch.where(slots >= 0, weights.float(), 0.0)  # pairs of experts not held add nothing
-        if T <= SORTED_PAIRS_FROM:
-            ys = self._pair_outputs(x[:, None, :], slots)  # [T, K, D]
-        else:  # pairs of one expert in a row: the later ones find its weights in cache
-            order = slots.view(-1).argsort()  # [T*K]
-            sorted_ys = self._pair_outputs(x[order // K], slots.view(-1)[order])  # [T*K, D]
-            ys = torch.empty_like(sorted_ys).index_put_((order,), sorted_ys).view(T, K, -1)  # back to (token, k)
-        return (ys * w[..., None]).sum(1).to(x.dtype)
-
-    def _pair_outputs(self, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """rows [..., D] (broadcast against slots' shape); slots [...] -> each slot's expert applied
-        to its row, [..., D] fp32 (a slot of -1 computes slot 0's output, which its zero weight cancels)."""
-        take = slots.clamp(min=0)
-        gate_up = (self.w13[take].float() * rows[..., None, :].float()).sum(-1)  # [..., 2I]
-        act = F.silu(gate_up[..., : self.inter_dim]) * gate_up[..., self.inter_dim :]  # [..., I]
-        return (self.w2[take].float() * act[..., None, :]).sum(-1)  # [..., D]
-
-    def _forward_sorted(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        T, K = ids.shape
-        slots = self.slot_of[ids.long()].view(-1)  # [T*K] local slot or -1
-        order = slots.argsort(stable=True)  # not-held (-1) first, then grouped by slot
-        counts = torch.bincount(slots + 1, minlength=len(self.expert_ids) + 1)
-        skipped, *held = counts.tolist()
-        order = order[skipped:]
-        tokens = order // K  # [N] token of each held (token, k) pair, grouped by expert
-        xs = x[tokens]  # [N, D]
-        touched = sum(1 for n in held if n)
-        if x.dtype == torch.float32 and 2 * touched >= len(held) and torch.get_num_threads() > 1:
-            width = math.ceil(1.5 * len(order) / touched)  # rows per expert in the batched GEMMs
-            ys = self._experts_padded(xs, slots[order], counts[1:], held, width)
-        else:
-            ys = self._experts_one_by_one(xs, held)
-        scaled = ys.float() * weights.reshape(-1)[order].float()[:, None]
-        out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
-        return out.index_add_(0, tokens, scaled).to(x.dtype)
-
-    def _experts_one_by_one(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """xs: [N, D] rows grouped by slot, counts[slot] rows each -> [N, D], one GEMM pair per
-        expert that received rows. On CPU in fp32, an expert with at most THIN_ROWS rows multiplies
-        with the weight on the left and its rows as a transposed view: MKL streams a weight 1.2
-        to 1.7x faster that way than through F.linear for 2 to 8 rows on one thread (F.linear
-        packs the weight first; at 12 rows it wins), and a decode batch gives most experts that
-        few rows. A single row gets a zero row beside it: MKL's one-column product streamed the
-        weight ~1.5x slower than a two-column one (AVX-512 host, 2026-12-06)."""
-        ys = torch.empty_like(xs)
-        inter, start = self.inter_dim, 0
-        for slot, count in enumerate(counts):
-            if not count:
+    def reference(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """`forward` read plainly: each held expert applied to the tokens routed to it."""
+        T, D = x.shape
+        slots, weights = self.pairs(ids, weights)  # [T, K + S] each
+        out = torch.zeros(T, D, dtype=torch.float32, device=x.device)
+        for slot in range(self.w13.shape[0]):
+            token, k = (slots == slot).nonzero(as_tuple=True)  # [n] each: the pairs routed to this slot
+            if token.numel() == 0:
                 continue
-            rows, out = xs[start : start + count], ys[start : start + count]
-            if count <= THIN_ROWS and xs.dtype == torch.float32 and not xs.is_cuda:
-                if count == 1:
-                    rows = F.pad(rows, (0, 0, 0, 1))  # [2, D]
-                gate_up = torch.mm(self.w13[slot], rows.t())  # [2I, n]
-                act = (F.silu(gate_up[:inter]) * gate_up[inter:]).t().contiguous()  # [n, I]
-                out.copy_(torch.mm(self.w2[slot], act.t()).t()[:count])  # [D, n] -> [count, D]
-            else:
-                gate_up = F.linear(rows, self.w13[slot])  # [n, 2I]
-                act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-                torch.mm(act, self.w2[slot].t(), out=out)  # [n, D]
-            start += count
-        return ys
-
-    def _experts_padded(self, xs: torch.Tensor, row_slots: torch.Tensor, counts: torch.Tensor, counts_list: list[int], width: int) -> torch.Tensor:
-        """As `_experts_one_by_one`, with the first `width` rows of every held expert (zero-padded)
-        in two batched GEMMs over all held experts, and the few rows past `width` of the busiest
-        experts one expert at a time. When most experts received rows, streaming every weight in
-        one call beats a GEMM pair per expert (fp32 on 2 AMD cores: ~15-30 GB/s against ~8; on one
-        thread the loop wins, so the caller keeps it there), while padding every expert to the
-        busiest one's rows would waste more than it gains. row_slots: [N] slot of each row;
-        counts / counts_list: [E] rows per slot."""
-        E, D = self.w13.shape[0], xs.shape[1]
-        rank = torch.arange(xs.shape[0], device=xs.device) - (counts.cumsum(0) - counts)[row_slots]  # [N] row within its expert
-        batched = rank < width
-        padded = xs.new_zeros(E, width, D)
-        padded[row_slots[batched], rank[batched]] = xs[batched]
-        # weights on the left, activations as transposed views: MKL's fast layout for thin
-        # right-hand sides (a contiguous [E, K, n] operand ran ~3x slower)
-        gate_up = torch.bmm(self.w13, padded.transpose(1, 2))  # [E, 2I, n]
-        act = F.silu(gate_up[:, : self.inter_dim]) * gate_up[:, self.inter_dim :]  # [E, I, n]
-        out = torch.bmm(self.w2, act.transpose(1, 2).contiguous().transpose(1, 2))  # [E, D, n]
-        ys = torch.empty_like(xs)
-        ys[batched] = out[row_slots[batched], :, rank[batched]]
-        overflow = [max(n - width, 0) for n in counts_list]
-        if any(overflow):
-            rest = ~batched
-            ys[rest] = self._experts_one_by_one(xs[rest], overflow)
-        return ys
-
-    def _forward_grouped(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        T = ids.shape[0]
-        E = self.w13.shape[0]  # routed slots, then shared ones
-        slots = self.slot_of[ids.long()]  # [T, K]
-        if self.shared_slots:
-            shared = torch.arange(E - self.shared_slots, E, device=x.device).expand(T, -1)
-            slots = torch.cat([slots, shared], dim=1)
-            weights = torch.cat([weights.float(), torch.ones(shared.shape, device=x.device)], dim=1)
-        K = slots.shape[1]
-        slots = slots.view(-1)  # [T*K]
-        held = slots >= 0
-        key = torch.where(held, slots, E)  # not-held pairs go last, into no group
-        order, counts = group_by_key(key, E + 1)  # [T*K], [E+1]
-        offsets = counts[:E].cumsum(0).to(torch.int32)  # [E] end row of each expert's group
-        tokens = order // K
-        xs = x[tokens]  # [T*K, D] rows grouped by expert
-        gate_up = self._project(xs, self.w13, self.w13_scale, offsets, T)  # [T*K, 2I]
-        act = F.silu(gate_up[:, : self.inter_dim]) * gate_up[:, self.inter_dim :]
-        ys = self._project(act, self.w2, self.w2_scale, offsets, T)  # [T*K, D]
-        w = torch.where(held, weights.reshape(-1).float(), 0.0)[order]  # [T*K]
-        scaled = torch.where(held[order, None], ys.float() * w[:, None], 0.0)  # rows past the groups are garbage
-        out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
-        return out.index_add_(0, tokens, scaled).to(x.dtype)
-
-    @staticmethod
-    def _project(rows: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, offsets: torch.Tensor, tokens: int) -> torch.Tensor:
-        """rows [M, K] grouped by expert x w [E, N, K] -> [M, N]; a group never exceeds `tokens`
-        rows (a token picks an expert at most once)."""
-        if w.dtype != torch.float8_e4m3fn:
-            return grouped_mm(rows, w.transpose(1, 2), offsets)
-        from model.fp8_gemm import fp8_grouped_mm, quantize_1x128
-
-        q, q_scale = quantize_1x128(rows)
-        return fp8_grouped_mm(q, q_scale, w, scale, offsets, tokens, out_dtype=rows.dtype)
+            w13, w2 = self.expert_weights(slot)
+            gate_up = F.linear(x[token].to(w13.dtype), w13)  # [n, 2I]
+            act = F.silu(gate_up[:, : self.inter_dim]) * gate_up[:, self.inter_dim :]  # [n, I]
+            y = F.linear(act, w2)  # [n, D]
+            out.index_add_(0, token, y.float() * weights[token, k, None])
+        return out.to(x.dtype)
 
     def dispatch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self(x, ids, weights)
@@ -355,7 +214,7 @@ class MoE(nn.Module):
         )
 
     def absorb_shared_into_experts(self) -> None:
-        """Serve the shared experts from the local bank's grouped GEMMs (`ExpertBank.absorb_shared`)."""
+        """Serve the shared experts from the local bank (`ExpertBank.absorb_shared`)."""
         if isinstance(self.experts, ExpertBank) and self.shared is not None:
             self.experts.absorb_shared(self.shared)
             self.shared = None

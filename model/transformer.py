@@ -13,8 +13,8 @@ from model.moe import ExpertBank, MoE
 
 
 def attention_dtype(param_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """Dtype of the absorbed attention math: fp32 on CPU (bf16 batched matmuls there run ~3x
-    slower than fp32 ones on these small tensors), the model's dtype on accelerators."""
+    """Dtype of the absorbed attention math: fp32 on CPU (bf16 batched matmuls there run slower
+    than fp32 ones on these small tensors, docs/performance.md), the model's dtype on accelerators."""
     return torch.float32 if device.type == "cpu" else param_dtype
 
 
@@ -88,10 +88,10 @@ class Transformer(nn.Module):
         return all(getattr(block.ffn.experts, "traceable", False) for block in self.layers if isinstance(block.ffn, MoE))
 
     def prepare_decode(self) -> None:
-        """Build what the absorbed path caches per layer, so that a graph built after this
-        (captured or compiled) reads it instead of rebuilding it every step."""
+        """Lay out what the absorbed path reads per layer (`MLA.prepare_decode`), so that decode
+        steps, and graphs built from them, read it instead of rebuilding it every step."""
         for block in self.layers:
-            block.attn.absorbed_weights(self.attention_dtype)
+            block.attn.prepare_decode(self.attention_dtype)
 
     def forward_pure(self, tokens, positions, pool: torch.Tensor, context, all_logits: bool, run_block=None):
         """The forward pass without side effects: tokens [B, S] at positions [B, S] ->

@@ -4,7 +4,6 @@ services/ (module level and inside functions alike) as a graph of modules."""
 from __future__ import annotations
 
 import ast
-import collections
 from pathlib import Path
 
 import pytest

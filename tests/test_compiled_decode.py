@@ -8,10 +8,13 @@ from itertools import chain
 import pytest
 import torch
 from checkpoints import make_checkpoint
+from torch._dynamo.utils import counters
 
 from model.compiled_decode import CompiledDecoder, compiled_steps
 from model.checkpoint import load_model
 from model.generate import Engine, GenerationRequest, SamplingParams
+from model.kernels import cpu
+from model.moe import ExpertBank
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not CompiledDecoder.available(), reason="needs a C++ compiler for inductor")]
@@ -64,6 +67,17 @@ def test_compiled_steps_give_the_eager_tokens_and_logprobs(v3_checkpoint, tmp_pa
     assert sum(calls) == sum(len(seq.tokens) - 1 for seq in chain(*compiled))  # all tokens after the prefill's
     for engine in engines:
         assert engine.graphs.compiled == {"one sequence", "2 to 4 sequences", "more than 4 sequences"}
+        # the graphs traced the streaming variants; the model's eager steps keep their kernels
+        assert all(type(m) is not cpu.StreamingLinear for m in engine.model.modules())
+        assert all(bank.compute is cpu.sorted_experts for bank in engine.model.modules() if isinstance(bank, ExpertBank))
+    # a later decoder of the same model runs the graphs already built: nothing is traced again
+    traced = counters["stats"]["unique_graphs"]
+    again = Engine(engines[0].model, cache_tokens=512)
+    again.graphs = CompiledDecoder(again.model, again.cache)
+    again.generate([GenerationRequest((3, 1, 4), 3)])
+    again.generate([GenerationRequest((k, 1, 4), 3) for k in range(6)])
+    assert again.graphs.compiled == {"one sequence", "more than 4 sequences"}
+    assert counters["stats"]["unique_graphs"] == traced
 
 
 def test_larger_batches_and_remote_experts_stay_eager(v3_checkpoint):

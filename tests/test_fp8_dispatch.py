@@ -85,7 +85,7 @@ def test_non_finite_input_is_rejected_with_a_clear_error(bad, name):
     x = torch.randn(4, 256)
     x[2, 130] = bad
     with pytest.raises(ValueError, match=rf"{name} values \(first at index \[2, 130\]\).*non-finite"):
-        codec.quantize_1x128(x)
+        codec.encode_hidden(x, "fp8")
     with pytest.raises(ValueError, match="non-finite"):
         codec.encode_hidden(x.bfloat16(), "fp8")
 

@@ -1,5 +1,6 @@
-"""Block-scaled FP8 grouped GEMM (model/fp8_gemm.py). The kernel tests need a CUDA GPU of compute
-capability 8.9+ with Triton and are skipped elsewhere; run them with `pytest -m gpu tests/test_fp8_gemm.py`.
+"""Block-scaled FP8 grouped GEMM and the 1x128 quantiser's Triton kernel (model/kernels/fp8_gemm.py).
+The kernel tests need a CUDA GPU of compute capability 8.9+ with Triton and are skipped elsewhere;
+run them with `pytest -m gpu tests/test_fp8_gemm.py`.
 The fallback tests at the end run anywhere."""
 
 from __future__ import annotations
@@ -7,9 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import fp8_gemm
+from model.fp8 import quantize_1x128
+from model.kernels import fp8_gemm
 from model.fp8 import dequantize_weight, quantize_stacked
-from model.fp8_gemm import GemmConfig, fp8_grouped_mm, fp8_grouped_mm_available, quantize_1x128
+from model.kernels.fp8_gemm import GemmConfig, fp8_grouped_mm, fp8_grouped_mm_available
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (FP8 grouped GEMM)")
@@ -75,9 +77,9 @@ def test_quantize_1x128_round_trip_and_matches_torch(dtype):
     assert torch.all(err <= torch.maximum(scaled.abs() / 16, torch.full_like(err, 2.0**-9)))
     deq = q.float() * s.repeat_interleave(128, dim=1)
     assert ((deq - x.float()).norm() / x.float().norm()).item() < 0.04
-    q_ref, s_ref = fp8_gemm._quantize_1x128_torch(x)
-    assert torch.equal(s, s_ref)
-    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    q_ref, s_ref = quantize_1x128(x.cpu())  # PyTorch ops: what the transport puts on the wire
+    assert torch.equal(s.cpu(), s_ref)
+    assert torch.equal(q.view(torch.uint8).cpu(), q_ref.view(torch.uint8))
 
 
 @gpu
@@ -86,9 +88,9 @@ def test_quantize_1x128_round_trip_and_matches_torch(dtype):
 def test_quantize_1x128_uneven_k_and_few_rows():
     x = torch.randn(3, 300, device="cuda")
     q, s = quantize_1x128(x)
-    q_ref, s_ref = fp8_gemm._quantize_1x128_torch(x)
-    assert s.shape == (3, 3) and torch.equal(s, s_ref)
-    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    q_ref, s_ref = quantize_1x128(x.cpu())
+    assert s.shape == (3, 3) and torch.equal(s.cpu(), s_ref)
+    assert torch.equal(q.view(torch.uint8).cpu(), q_ref.view(torch.uint8))
 
 
 @gpu

@@ -6,9 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model import kernels
 from model.checkpoint import load_model
+from model.fp8 import quantize_1x128
 from model.cuda_graph import GraphDecoder
 from model.generate import Engine, GenerationRequest
+from model.kernels import cuda
 from model.moe import ExpertBank
 
 pytestmark = [
@@ -104,10 +107,10 @@ def test_grouped_gemm_experts_equal_expert_loop_on_cuda():
     ids = torch.randint(0, 8, (33, 3), device="cuda")
     weights = torch.rand(33, 3, device="cuda")
     with torch.no_grad():
-        bank.grouped = True
+        loop = bank(x, ids, weights)  # the reference: no kernel installed
+        kernels.install(bank, "cuda")
+        assert bank.compute is cuda.grouped_experts
         grouped = bank(x, ids, weights)
-        bank.grouped = False
-        loop = bank(x, ids, weights)
     assert torch.allclose(grouped, loop, atol=1e-4, rtol=1e-4)
 
 
@@ -179,7 +182,6 @@ def test_fp8_checkpoint_runs_its_experts_as_fp8_gemms(fp8_ready_checkpoint, tmp_
     value)."""
     import argparse
 
-    from model.fp8_gemm import quantize_1x128
     from services.cli import convert
 
     convert.run(argparse.Namespace(src=str(fp8_ready_checkpoint), dst=str(tmp_path / "fp8"), fp8=True))
@@ -190,13 +192,13 @@ def test_fp8_checkpoint_runs_its_experts_as_fp8_gemms(fp8_ready_checkpoint, tmp_
     with torch.no_grad():
         got = kept.layers[1].ffn(x)
         unrounded = reference.layers[1].ffn(x)
-        dense_project = ExpertBank._project
+        dense_project = cuda._project
 
         def rounded_through_e4m3(rows, w, scale, offsets, tokens):
             q, s = quantize_1x128(rows)
             return dense_project((q.float().view(len(q), -1, 128) * s[..., None]).view(q.shape), w, scale, offsets, tokens)
 
-        monkeypatch.setattr(ExpertBank, "_project", staticmethod(rounded_through_e4m3))
+        monkeypatch.setattr(cuda, "_project", rounded_through_e4m3)
         want = reference.layers[1].ffn(x)
     rel = ((got - want).norm() / want.norm()).item()
     quantisation = ((unrounded - want).norm() / want.norm()).item()

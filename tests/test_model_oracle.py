@@ -8,8 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model import kernels
 from model.checkpoint import load_model
 from model.generate import Engine, GenerationRequest
+from model.kernels import cpu, cuda
+from model.moe import ExpertBank
 
 TOLERANCE = 1e-4
 
@@ -129,17 +132,18 @@ def test_grouped_gemm_expert_path_equals_expert_loop(v3_checkpoint):
     weights = torch.rand(9, 3, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         loop = bank(x, ids, weights)
-        bank.grouped = True
-        grouped = bank(x, ids, weights)
+        grouped = cuda.grouped_experts(bank, x, ids, weights)
+    assert bank.compute is cpu.sorted_experts
     assert loop.abs().max() > 0
     assert torch.allclose(grouped, loop, atol=1e-5, rtol=1e-5)
 
 
 def test_cpu_expert_paths_equal_a_per_token_reference(v3_checkpoint):
-    """Both CPU paths, one GEMM pair per expert (one thread, or few experts hit; weight-left for
-    experts with few rows, F.linear for busy ones) and batched GEMMs over all held experts with
-    the busiest experts' extra rows done one by one (two threads, most experts hit), against each
-    (token, expert) pair computed on its own."""
+    """Both eager CPU paths, one GEMM pair per expert (one thread, or few experts hit; weight-left
+    for experts with few rows, F.linear for busy ones) and batched GEMMs over all held experts
+    with the busiest experts' extra rows done one by one (two threads, most experts hit), the
+    compiled graphs' pair-by-pair products and the bank's reference, against each (token, expert)
+    pair computed on its own."""
     from model.checkpoint import load_expert_banks
 
     path, _ = v3_checkpoint
@@ -166,9 +170,10 @@ def test_cpu_expert_paths_equal_a_per_token_reference(v3_checkpoint):
             x = torch.randn(ids.shape[0], bank.w13.shape[2], generator=g)
             weights = torch.rand(ids.shape, generator=g)
             with torch.no_grad():
-                got, want = bank(x, ids, weights), reference(x, ids, weights)
+                want = reference(x, ids, weights)
+                for got in (bank(x, ids, weights), cpu.pair_experts(bank, x, ids, weights), bank.reference(x, ids, weights)):
+                    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
             assert want.abs().max() > 0
-            assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
     finally:
         torch.set_num_threads(threads)
 
@@ -181,10 +186,16 @@ def test_shared_experts_absorbed_into_the_bank_compute_the_same_moe(v3_checkpoin
     path, _ = v3_checkpoint
     separate, absorbed = load_model(path), load_model(path)
     absorbed.layers[1].ffn.absorb_shared_into_experts()
-    assert absorbed.layers[1].ffn.shared is None and absorbed.layers[1].ffn.experts.shared_slots == 1
+    bank = absorbed.layers[1].ffn.experts
+    assert absorbed.layers[1].ffn.shared is None and bank.shared_slots == 1
+    assert bank.compute is ExpertBank.reference  # the dense CPU loop knows no shared slots
     x = torch.randn(2, 7, separate.cfg.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        want, got = separate.layers[1].ffn(x), absorbed.layers[1].ffn(x)
+        want, by_reference = separate.layers[1].ffn(x), absorbed.layers[1].ffn(x)
+        kernels.install(absorbed, "cpu")
+        assert bank.compute is cuda.grouped_experts
+        got = absorbed.layers[1].ffn(x)
+    assert torch.allclose(by_reference, want, atol=1e-5, rtol=1e-5)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -205,9 +216,7 @@ def test_decode_gather_table_masks_padding_of_shorter_sequences():
 def test_lm_head_prepacked_on_cpu_matches_linear_and_follows_weight_writes():
     """The CPU head runs on a prepacked copy of its weight: it must agree with F.linear, in any
     batch shape, and repack after an in-place weight write rather than serve stale logits."""
-    from model.layers import LMHead
-
-    head, bf16 = LMHead(64, 300, bias=False), LMHead(64, 300, bias=False).to(torch.bfloat16)
+    head, bf16 = cpu.PackedLMHead(64, 300, bias=False), cpu.PackedLMHead(64, 300, bias=False).to(torch.bfloat16)
     x = torch.randn(5, 1, 64, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         assert torch.allclose(head(x), torch.nn.functional.linear(x, head.weight), atol=1e-5)
@@ -215,3 +224,19 @@ def test_lm_head_prepacked_on_cpu_matches_linear_and_follows_weight_writes():
         assert torch.allclose(head(x[:1]), torch.nn.functional.linear(x[:1], head.weight), atol=1e-5)
         out = bf16(x.bfloat16())
     assert out.dtype == torch.float32 and out.shape == (5, 1, 300)
+
+
+def test_absorbed_attention_weights_are_kept_until_wkv_b_changes(v3_checkpoint):
+    """Decoders prepare the absorbed weights when built; a frozen compiled graph holds them as
+    constants, so preparing again (a new engine or decoder on the same model) must keep the same
+    tensors, and only a write to wkv_b may rebuild them."""
+    model = load_model(v3_checkpoint[0])
+    model.prepare_decode()
+    kept = [block.attn.absorbed for block in model.layers]
+    model.prepare_decode()
+    assert all(block.attn.absorbed is prior for block, prior in zip(model.layers, kept))
+    with torch.no_grad():
+        model.layers[0].attn.wkv_b.weight.mul_(2)
+    model.prepare_decode()
+    assert model.layers[0].attn.absorbed is not kept[0] and model.layers[1].attn.absorbed is kept[1]
+    assert torch.equal(model.layers[0].attn.absorbed[0], 2 * kept[0][0])

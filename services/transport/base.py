@@ -20,7 +20,6 @@ from typing import Protocol
 from prometheus_client import Counter, Histogram
 
 from services.wire.batch import ExpertBatch
-from services.wire.failures import ReplicaUnavailable
 
 # Shared by every transport (a metric can be registered once per process). Labels:
 # transport = "grpc" | "ucx"; direction = "dispatch" (worker -> shard) | "combine" (shard -> worker).

@@ -27,12 +27,10 @@ Non-finite input (NaN, +-Inf) is refused with ValueError: its scale would poison
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from model.fp8 import dequantize_1x128, quantize_1x128
 from services.common import tensors
-from services.wire.dtypes import FP8_GROUP as GROUP, HIDDEN_WIRE_DTYPES, check_dispatch_dtype, scale_groups
-
-E4M3_MAX = 448.0                  # largest finite float8_e4m3fn
+from services.wire.dtypes import HIDDEN_WIRE_DTYPES, check_dispatch_dtype
 
 
 def _check_finite(x: torch.Tensor, where: str) -> None:
@@ -46,46 +44,13 @@ def _check_finite(x: torch.Tensor, where: str) -> None:
                      "FP8 dispatch cannot encode non-finite activations")
 
 
-def quantize_1x128(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., H] float -> (q float8_e4m3fn [..., H], scales float32 [..., ceil(H/128)])."""
-    if not x.is_floating_point() or x.dtype == torch.float8_e4m3fn:
-        raise ValueError(f"quantize_1x128: expected a float32/bfloat16/float16 tensor, got {x.dtype}")
-    if x.dim() == 0:
-        raise ValueError("quantize_1x128: expected a tensor [..., H], got a scalar")
-    _check_finite(x, "quantize_1x128")
-    *lead, hidden = x.shape
-    groups = scale_groups(hidden)
-    xf = x.reshape(-1, hidden).float()
-    if hidden % GROUP:
-        xf = F.pad(xf, (0, groups * GROUP - hidden))  # zeros never raise a block's amax
-    blocks = xf.view(-1, groups, GROUP)                                   # [T, G, 128]
-    amax = blocks.abs().amax(dim=-1, keepdim=True)                        # [T, G, 1]
-    scales = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
-    # clamp: fp32 rounding of x/s can overshoot 448 by an ulp, and e4m3fn has no Inf to absorb it
-    q = (blocks / scales).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    q = q.view(-1, groups * GROUP)[:, :hidden]
-    return q.reshape(*lead, hidden).contiguous(), scales.view(*lead, groups)
-
-
-def dequantize_1x128(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(q e4m3 [..., H], scales fp32 [..., ceil(H/128)]) -> [..., H] in `dtype`."""
-    if q.dtype != torch.float8_e4m3fn:
-        raise ValueError(f"dequantize_1x128: q must be float8_e4m3fn, got {q.dtype}")
-    *lead, hidden = q.shape
-    groups = scale_groups(hidden)
-    if tuple(scales.shape) != (*lead, groups):
-        raise ValueError(f"dequantize_1x128: scales shape {list(scales.shape)} is not {[*lead, groups]} "
-                         f"for q {list(q.shape)}")
-    full = scales.float().repeat_interleave(GROUP, dim=-1)[..., :hidden]
-    return (q.float() * full).to(dtype)
-
-
 def encode_hidden(x: torch.Tensor, dispatch_dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Hidden states as they go on the wire: (tensor, scales or None), both contiguous.
 
     "fp32" -> (float32, None); "bf16" -> (bfloat16, None); "fp8" -> (float8_e4m3fn, float32 scales).
     A tensor already in the wire dtype is returned as is (no copy)."""
     if check_dispatch_dtype(dispatch_dtype) == "fp8":
+        _check_finite(x, "encode_hidden")
         return quantize_1x128(x)
     return x.to(tensors.DTYPES[HIDDEN_WIRE_DTYPES[dispatch_dtype]]).contiguous(), None
 

@@ -1,6 +1,6 @@
 """Block-scaled FP8 grouped GEMM for routed experts (DeepSeek-V3 style), in Triton.
 
-    xq, xs = quantize_1x128(x)                   # x [M, K] -> e4m3 [M, K], fp32 [M, ceil(K/128)]
+    xq, xs = quantize_1x128(x)                   # model.fp8: x [M, K] -> e4m3 [M, K], fp32 [M, ceil(K/128)]
     out = fp8_grouped_mm(xq, xs, wq, ws, offsets, max_rows_per_group)   # -> [M, N]
 
 Activations carry one scale per 1x128 tile, weights one per 128x128 block in the checkpoint's
@@ -15,7 +15,7 @@ the static shapes (no autotuning at call time).
 
 Triton is imported lazily: this module imports on machines without it, and
 `fp8_grouped_mm_available()` says whether the kernels can run. Without Triton or CUDA,
-`quantize_1x128` falls back to PyTorch ops and `fp8_grouped_mm` raises.
+`model.fp8.quantize_1x128` runs its PyTorch ops and `fp8_grouped_mm` raises.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import torch
 
 BLOCK = 128  # quantisation block: 1x128 for activations, 128x128 for weights
-E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,7 @@ def fp8_grouped_mm_available(device: torch.device | str | int | None = None) -> 
     return (major, minor) >= (8, 9) and _triton_importable()
 
 
-def _runs_triton(t: torch.Tensor) -> bool:
+def runs_triton(t: torch.Tensor) -> bool:
     """Whether `t` goes through the Triton kernels: CUDA tensors, or any under TRITON_INTERPRET=1
     (Triton's CPU interpreter, for checking the kernels' logic without a GPU)."""
     return (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and _triton_importable()
@@ -224,33 +223,9 @@ def _kernels():
 # activations
 
 
-def _quantize_1x128_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same arithmetic in PyTorch ops (CPU, or no Triton)."""
-    m, k = x.shape
-    groups = -(-k // BLOCK)
-    xf = x.float()
-    if k % BLOCK:
-        xf = torch.nn.functional.pad(xf, (0, groups * BLOCK - k))
-    tiles = xf.view(m, groups, BLOCK)
-    amax = tiles.abs().amax(dim=-1, keepdim=True)
-    # divide by a tensor, not a Python scalar: CUDA turns `t / scalar` into `t * (1/scalar)`
-    scale = torch.where(amax > 0, amax / torch.full_like(amax, E4M3_MAX), torch.ones_like(amax))
-    q = (tiles / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return q.view(m, groups * BLOCK)[:, :k].contiguous(), scale.view(m, groups)
-
-
-def quantize_1x128(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] (bf16/fp16/fp32) -> (xq float8_e4m3fn [M, K], xs float32 [M, ceil(K/128)]).
-
-    One scale per 1x128 tile: scale = amax(|tile|) / 448 (1 for an all-zero tile) and
-    xq = x / scale, so x ~= xq * scale. One kernel launch on CUDA, no host sync; PyTorch ops
-    elsewhere (same arithmetic, same rounding: IEEE division, round-to-nearest-even cast)."""
-    if x.dim() != 2:
-        raise ValueError(f"quantize_1x128: expected [M, K], got shape {tuple(x.shape)}")
-    if not x.is_floating_point() or x.dtype == torch.float8_e4m3fn:
-        raise ValueError(f"quantize_1x128: expected a float32/bfloat16/float16 tensor, got {x.dtype}")
-    if not _runs_triton(x):
-        return _quantize_1x128_torch(x)
+def quantize_1x128_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`model.fp8.quantize_1x128` for x [M, K] in one kernel launch, no host sync: the same
+    arithmetic (IEEE division, round-to-nearest-even cast), so the same bytes."""
     if x.stride(1) != 1:
         x = x.contiguous()
     m, k = x.shape
@@ -279,11 +254,9 @@ def pick_config(m: int, n: int, k: int, num_experts: int, max_rows_per_group: in
     """Launch config from static shapes only (so it is fixed across CUDA-graph replays).
 
     Decode (few rows per expert): BLOCK_M 16 with the swapped layout (wgmma, N tile on the MMA's
-    M side), BLOCK_N 64. On an H200 with DeepSeek-V2-Lite experts (w13 [64, 2816, 2048], w2
-    [64, 2048, 1408], 1-64 tokens top-6) this was the best or within 3% of the best of 12 configs
-    (BLOCK_M 16/32/64, BLOCK_N 32/64/128, 4/8 warps, 3-6 stages, swapped or not); the spread was
-    under 10%. Larger batches: bigger BLOCK_M so each weight tile serves more rows (tested for
-    correctness, not tuned)."""
+    M side), BLOCK_N 64, the best or near it of the configs tried on DeepSeek-V2-Lite experts
+    (docs/performance.md). Larger batches: bigger BLOCK_M so each weight tile serves more rows
+    (tested for correctness, not tuned)."""
     rows_per_expert = m / max(1, min(num_experts, m))
     if rows_per_expert <= 16 or max_rows_per_group <= 16:
         return GemmConfig(block_m=16, block_n=64 if n <= 4096 else 128, num_warps=4, num_stages=4, swap_ab=True)
@@ -313,7 +286,7 @@ def fp8_grouped_mm(
 ) -> torch.Tensor:
     """out[r] = (xq[r] * xs[r]) @ (wq[e] * ws[e]).T for the rows r of expert e's group.
 
-    xq: [M, K] float8_e4m3fn, rows grouped by expert; xs: [M, K/128] float32 (quantize_1x128).
+    xq: [M, K] float8_e4m3fn, rows grouped by expert; xs: [M, K/128] float32 (model.fp8.quantize_1x128).
     wq: [E, N, K] float8_e4m3fn; ws: [E, ceil(N/128), K/128] float32 (weight_scale_inv).
     offsets: [E] int32 on the device, end row of each group (torch._grouped_mm's `offs`);
     groups are rows [offsets[e-1], offsets[e]). Rows past offsets[-1] are left undefined.
@@ -321,7 +294,7 @@ def fp8_grouped_mm(
     groups larger than it may be left partly uncomputed. K must be a multiple of 128.
     Returns [M, N] in out_dtype (bf16, fp16 or fp32). No host sync; CUDA-graph safe.
     """
-    if not _runs_triton(xq):
+    if not runs_triton(xq):
         raise RuntimeError("fp8_grouped_mm needs a CUDA device and Triton (see fp8_grouped_mm_available)")
     if xq.dtype != torch.float8_e4m3fn or wq.dtype != torch.float8_e4m3fn:
         raise TypeError(f"fp8_grouped_mm: xq and wq must be float8_e4m3fn, got {xq.dtype} and {wq.dtype}")
