@@ -198,8 +198,7 @@ def expert_gemm_probe(D=2048, I=1408, E=64, K=6, tokens=(1, 16, 64)) -> None:
     grouped GEMM against the block-scaled FP8 grouped GEMM (activation quantisation included),
     random routing. Bandwidth counts the weights of the experts the routing touched."""
     from model.fp8 import quantize_stacked
-    from model.fp8 import quantize_1x128
-    from model.kernels.fp8_gemm import fp8_grouped_mm
+    from model.kernels.fp8_gemm import fp8_grouped_mm, quantize_1x128
 
     torch.manual_seed(0)
     for name, (n, k) in {"w13": (2 * I, D), "w2": (D, I)}.items():

@@ -61,19 +61,14 @@ def dequantize_weight(q: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dty
 
 def quantize_1x128(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., H] float -> (q float8_e4m3fn [..., H], scales float32 [..., ceil(H/128)]), by the
-    scale rule above. On CUDA (or under TRITON_INTERPRET=1) a Triton kernel computes the same
-    bytes in one launch without a host sync (model/kernels/fp8_gemm.py)."""
-    from model.kernels import fp8_gemm
-
+    scale rule above. The kernels' FP8 GEMMs quantise through a Triton kernel that computes the
+    same bytes (model/kernels/fp8_gemm.py)."""
     if not x.is_floating_point() or x.dtype == torch.float8_e4m3fn:
         raise ValueError(f"quantize_1x128: expected a float32/bfloat16/float16 tensor, got {x.dtype}")
     if x.dim() == 0:
         raise ValueError("quantize_1x128: expected a tensor [..., H], got a scalar")
     *lead, hidden = x.shape
     groups = -(-hidden // BLOCK)
-    if fp8_gemm.runs_triton(x):
-        q, scales = fp8_gemm.quantize_1x128_triton(x.reshape(-1, hidden))
-        return q.view(*lead, hidden), scales.view(*lead, groups)
     xf = x.reshape(-1, hidden).float()
     if hidden % BLOCK:
         xf = F.pad(xf, (0, groups * BLOCK - hidden))  # zeros never raise a block's amax

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.fp8 import quantize_1x128
+from model.kernels.fp8_gemm import quantize_1x128
 from model.kernels import fp8_gemm
 from model.fp8 import dequantize_weight, quantize_stacked
 from model.kernels.fp8_gemm import GemmConfig, fp8_grouped_mm, fp8_grouped_mm_available

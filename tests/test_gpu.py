@@ -8,7 +8,7 @@ import torch
 
 from model import kernels
 from model.checkpoint import load_model
-from model.fp8 import quantize_1x128
+from model.kernels.fp8_gemm import quantize_1x128
 from model.cuda_graph import GraphDecoder
 from model.generate import Engine, GenerationRequest
 from model.kernels import cuda

@@ -41,6 +41,9 @@ class ScriptedModel:
     def new_cache(self, capacity_tokens: int, block_size: int = BLOCK) -> LatentKVCache:
         return LatentKVCache(1, capacity_tokens, 1, torch.float32, block_size=block_size)
 
+    def prepare_decode(self) -> None:
+        """A Transformer lays out its absorbed attention weights here; there are none."""
+
     @staticmethod
     def _logits(rows: int) -> torch.Tensor:
         logits = torch.zeros(rows, VOCAB)

@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model.fp8 import quantize_1x128
-from model.kernels.fp8_gemm import fp8_grouped_mm
+from model.kernels.fp8_gemm import fp8_grouped_mm, quantize_1x128
 from model.moe import ExpertBank
 
 
