@@ -1,6 +1,6 @@
 """FP8 1x128 dispatch quantiser: exactness, the per-block error bound, edge cases, wire bytes.
 
-Bound under test (derived in services/wire/codec.py): with s = amax/448 per 128-channel
+Bound under test (derived in model/fp8.py): with s = amax/448 per 128-channel
 block, e4m3's 3 mantissa bits give a round-to-nearest error of at most half a step, so
     |x - dequant(quant(x))| <= max(|x| * 2^-4, s * 2^-10)    for every element,
 which is at most amax/16 (the |x| = amax case) anywhere in the block.

@@ -1,25 +1,12 @@
 """Hidden states on the expert wire: FP8 dispatch compression (DeepEP / DeepSeek-V3 style).
 
 Activations sent to expert shards may travel as float8_e4m3fn with one float32 scale per 128
-consecutive channels of each token ("1x128" blocks); the combine direction stays BF16/FP32.
-
-    q, scales = quantize_1x128(x)                  # x [T, H] -> q e4m3 [T, H], scales fp32 [T, ceil(H/128)]
-    x_hat = dequantize_1x128(q, scales, torch.float32)
+consecutive channels of each token ("1x128" blocks, model/fp8.py's `quantize_1x128`: its scale
+rule and error bound are the wire's); the combine direction stays BF16/FP32.
 
     wire, scales = encode_hidden(x, "fp8")         # what a transport puts on the wire; scales is
     wire, scales = encode_hidden(x, "bf16")        #   None for "fp32" / "bf16"
     x_hat = decode_hidden(wire, scales, torch.float32)   # the shard's side; any of the three
-
-Scale rule: s = amax(|x| over the block) / 448, so the block's largest magnitude lands on e4m3's
-largest finite value. An all-zero block gets s = 1 (q is 0 either way; no 0/0). A last block
-narrower than 128 (H % 128 != 0) takes its amax over the channels that exist.
-
-Error bound (see tests/test_fp8_dispatch.py): e4m3 keeps 3 mantissa bits, so rounding a scaled
-value v = x/s to nearest costs at most half a step: |v|*2^-4 for normals and 2^-10 (half the
-subnormal step 2^-9) below the smallest normal 2^-6. Scaled back, per element
-    |x - x_hat| <= max(|x| * 2^-4, s * 2^-10),    s = amax/448,
-hence never more than amax/16 anywhere in the block. Values of the form k * s with k
-representable in e4m3 (in particular any e4m3 value when amax is 448) come back exactly.
 
 Non-finite input (NaN, +-Inf) is refused with ValueError: its scale would poison the whole block.
 """
