@@ -1,7 +1,7 @@
 """Parameter counts and KV-cache bytes of a `ModelConfig`, from the HF checkpoint layout.
 
 Every count is a sum over the tensors a DeepSeek checkpoint stores (names and shapes as in the
-published safetensors), so `moe inspect`, the capacity planner and the loader agree by
+published safetensors), so `moe inspect`, `moe size` and the loader agree by
 construction. Pure arithmetic: nothing here touches a file or a device.
 """
 
@@ -155,7 +155,7 @@ def parameter_counts(cfg: ModelConfig) -> ParameterCounts:
     )
 
 
-# ---- per-layer pieces the planner reads ---------------------------------------------------------
+# ---- per-layer pieces deployment sizing reads ---------------------------------------------------------
 def _first_layer(cfg: ModelConfig, moe: bool) -> int:
     for layer in range(cfg.num_hidden_layers):
         if cfg.is_moe_layer(layer) == moe:

@@ -331,15 +331,3 @@ class RouterClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def router_endpoint_from_redis(redis_url: str, cluster: str) -> str | None:
-    """The gRPC endpoint of a live router registered in Redis, or None."""
-    from services.common import redis_store, settings
-
-    client = redis_store.connect(redis_url, settings.redis_password())
-    try:
-        routers = redis_store.list_replicas(client, redis_store.Keys(cluster), "router")
-    finally:
-        client.close()
-    return next((r.endpoints["grpc"] for r in routers if r.endpoints.get("grpc")), None)

@@ -6,7 +6,7 @@ on the host so each touched expert's weights are read once (`sorted_experts`). I
 compiled by torch.compile (model/compiled_decode.py) every weight is multiplied as a product
 summed over its input dimension (`StreamingLinear`, `pair_experts`), which inductor turns into
 one kernel streaming the weight at a multiple of MKL's small-M GEMM bandwidth. Where the rules'
-numbers come from: docs/performance.md, "Where the CPU kernels' rules come from".
+numbers come from: docs/performance.md, "Where the kernels' rules come from".
 """
 
 from __future__ import annotations
@@ -176,6 +176,8 @@ class PackedLMHead(LMHead):
     _packed_key: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":  # a model moved off the CPU after loading
+            return super().forward(x)
         w = self.weight
         key = (w.data_ptr(), w._version, w.dtype)
         if self._packed_key != key:

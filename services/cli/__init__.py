@@ -22,8 +22,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "down": ("services.cli.cluster", "stop the local cluster started with --detach"),
     "status": ("services.cli.cluster", "shards, replicas, planes, routing plan version and expert load"),
 }
-# Other names of a subcommand, answered exactly as it is: `moe plan` is what `moe size` was called
-# before "plan" came to mean the router's routing plan only.
+# Other names of a subcommand, answered exactly as it is: older docs and scripts type `moe plan`,
+# while "plan" otherwise means the router's routing plan.
 ALIASES = {"plan": "size"}
 
 

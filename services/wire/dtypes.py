@@ -8,7 +8,7 @@ weight; the reply is float32 in fp32 mode and bfloat16 otherwise (combine is nev
     dispatch_bytes_per_token(7168, topk=8, dispatch_dtype="fp8")   # one token to one replica
     combine_bytes_per_token(7168, "fp8")                # its reply
 
-No torch here: the deployment planner sizes wires without loading it. Dtypes are named as the
+No torch here: deployment sizing (services/sizing) reads it without loading torch. Dtypes are named as the
 wire names them (services/common/tensors.py maps the names to torch dtypes).
 """
 
