@@ -196,19 +196,37 @@ def test_redis_stopped_mid_run_generation_continues_on_the_cached_plan(cluster, 
     assert not Plan.from_json(found[1]).missing, "the router declared live experts missing"
 
 
-def test_replica_killed_mid_request_is_retried_elsewhere_with_the_same_tokens(cluster, reference):
+def test_replica_killed_mid_request_is_retried_elsewhere_with_the_same_tokens(cluster, v3_checkpoint):
+    """The replica dies while it serves these requests (its token counter moved since they
+    started), the workers' dispatch failures count it, and every request still ends with the
+    in-process generator's tokens."""
+    path, _ = v3_checkpoint
+    prompts, length = PROMPTS[:8], 160  # long enough that the requests outlive the kill
+    engine = Engine(load_model(path), cache_tokens=4096, max_batch=8)
+    expected = [s.tokens for s in engine.generate([GenerationRequest(tuple(p), length) for p in prompts])]
     client = Client(cluster.gateway_endpoint, timeout=120)
-    jobs = greedy_jobs()[:8]
     victim = cluster.names("expert")[0]
+
+    def victim_tokens() -> float:
+        return sum(counter(cluster.processes[victim].metrics_port, "moe_expert_tokens_total", "expert").values())
+
+    def dispatch_failures() -> float:
+        return sum(workers_counter(cluster, "moe_dispatch_failures_total", "reason").values())
+
+    served_before, failures_before = victim_tokens(), dispatch_failures()
     outcome: dict = {}
+    jobs = [dict(prompt_ids=p, max_new_tokens=length, ignore_eos=True) for p in prompts]
     worker = threading.Thread(target=lambda: outcome.setdefault("results", run_concurrently(client, jobs, 0.01)))
     worker.start()
-    time.sleep(0.3)
+    wait_until(lambda: victim_tokens() > served_before, timeout=60, what=f"{victim} to serve these requests")
     cluster.stop_process(victim, signal.SIGKILL)
+    killed_mid_request = worker.is_alive()
     worker.join(timeout=180)
-    for result, (tokens, _) in zip(outcome["results"], reference[:8]):
+    assert killed_mid_request, "the requests finished before the kill; nothing was failed over"
+    for result, tokens in zip(outcome["results"], expected):
         assert not isinstance(result, Exception), result
         assert result.tokens == tokens
+    assert dispatch_failures() > failures_before
     cluster.start_process(victim)
     cluster.wait_serving(victim)
 
