@@ -66,7 +66,7 @@ def served(cluster: LocalCluster, batch: int, seconds: float) -> dict[str, float
 def bare(cluster: LocalCluster, model_dir: Path, batch: int, steps: int, compile_decode: bool) -> dict[str, float]:
     worker = AttentionWorker(str(model_dir), GrpcTransport("fp32"), plane=0, dtype=None, device="cpu",
                              cache_tokens=65536, max_batch=batch, compile_decode=compile_decode)
-    watcher = PlanWatcher(redis.Redis.from_url(cluster.redis_url), Keys(cluster.cluster), worker.plans).start()
+    watcher = PlanWatcher(redis.Redis.from_url(cluster.redis_url, password=cluster.redis_password), Keys(cluster.cluster), worker.plans).start()
     try:
         for prompt in prompts(batch):
             worker.engine.add(GenerationRequest(tuple(prompt), steps + 64))

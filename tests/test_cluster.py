@@ -11,6 +11,7 @@ import urllib.request
 
 import grpc
 import pytest
+import redis
 import torch
 
 from model.checkpoint import load_model
@@ -187,13 +188,22 @@ def test_redis_stopped_mid_run_generation_continues_on_the_cached_plan(cluster, 
     finally:
         cluster.start_process("redis")
         cluster.wait_serving("redis")
-    store, keys = redis_store.connect(cluster.redis_url), redis_store.Keys(cluster.cluster)
+    store, keys = redis_store.connect(cluster.redis_url, cluster.redis_password), redis_store.Keys(cluster.cluster)
     # heartbeats re-register every replica into the empty Redis
     wait_until(lambda: len(redis_store.list_replicas(store, keys, "expert")) >= len(cluster.names("expert")), 30,
                "replicas to re-register after Redis returned", interval=0.2)
     # the router republishes a complete plan once the replicas are back
     found = wait_until(lambda: redis_store.read_plan(store, keys), 30, "a plan after Redis returned", interval=0.2)
     assert not Plan.from_json(found[1]).missing, "the router declared live experts missing"
+
+
+def test_the_clusters_redis_refuses_clients_without_its_password_which_no_log_shows(cluster):
+    with pytest.raises(redis.AuthenticationError):
+        redis_store.connect(cluster.redis_url).ping()
+    assert redis_store.connect(cluster.redis_url, cluster.redis_password).ping()
+    assert cluster.redis_config.stat().st_mode & 0o077 == 0
+    for proc in cluster.processes.values():
+        assert cluster.redis_password not in proc.log_path.read_text(errors="replace"), proc.name
 
 
 def test_replica_killed_mid_request_is_retried_elsewhere_with_the_same_tokens(cluster, v3_checkpoint):
@@ -271,7 +281,7 @@ def test_the_default_transport_takes_ucx_where_a_shard_offers_it_and_grpc_elsewh
     with LocalCluster(path, shards=2, replicas=1, attention_workers=1, dispatch_dtype="fp32", run_dir=tmp_path,
                       transport="auto", extra_args={plain: ["--ucx-port", "0"]}) as running:
         assert running.serves_ucx
-        store, keys = redis_store.connect(running.redis_url), redis_store.Keys(running.cluster)
+        store, keys = redis_store.connect(running.redis_url, running.redis_password), redis_store.Keys(running.cluster)
         endpoints = {r.id: r.endpoints for r in redis_store.list_replicas(store, keys, "expert")}
         assert set(endpoints) == set(running.names("expert")) and "ucx" not in endpoints[plain], endpoints
         assert all("ucx" in e for name, e in endpoints.items() if name != plain), endpoints
@@ -317,7 +327,7 @@ def test_a_worker_with_local_experts_computes_them_itself_with_the_same_tokens(v
             f"http://127.0.0.1:{running.processes['attention-0'].metrics_port}/metrics", timeout=5).read().decode()
         local_tokens = sum(float(line.rsplit(" ", 1)[1]) for line in worker_metrics.splitlines()
                            if line.startswith("moe_attention_local_expert_tokens_total "))
-        store, keys = redis_store.connect(running.redis_url), redis_store.Keys(running.cluster)
+        store, keys = redis_store.connect(running.redis_url, running.redis_password), redis_store.Keys(running.cluster)
 
         def local_load() -> int:  # over the last three load windows: the requests may span two
             now = redis_store.window_start()

@@ -107,6 +107,9 @@ class LocalCluster:
         self.extra_env = dict(extra_env or {})
         self.extra_args = dict(extra_args or {})
         self.cluster = cluster or f"moe-{secrets.token_hex(4)}"
+        # the cluster's Redis requires AUTH: the password lives in the run directory's redis.conf
+        # (mode 0600) and reaches the services as MOE_REDIS_PASSWORD, never on a command line
+        self.redis_password = secrets.token_urlsafe(24)
         self.log_level = log_level
         self.ready_timeout = ready_timeout
         self.stop_timeout = stop_timeout
@@ -206,8 +209,19 @@ class LocalCluster:
             binary = redis_server_binary()
         except FileNotFoundError as err:
             raise ClusterError(str(err)) from None
-        return [binary, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
+        return [binary, str(self.redis_config), "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
                 "--daemonize", "no", "--dir", str(self.run_dir), "--protected-mode", "no", "--loglevel", "warning"]
+
+    @property
+    def redis_config(self) -> Path:
+        """The Redis configuration holding the password, written when Redis starts."""
+        return self.run_dir / "redis.conf"
+
+    def _write_redis_config(self) -> None:
+        self.redis_config.parent.mkdir(parents=True, exist_ok=True)
+        self.redis_config.touch(mode=0o600)
+        self.redis_config.chmod(0o600)
+        self.redis_config.write_text(f"requirepass {self.redis_password}\n")
 
     @staticmethod
     def redis_url_for(port: int) -> str:
@@ -231,7 +245,8 @@ class LocalCluster:
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update({"PYTHONUNBUFFERED": "1", "MOE_CLUSTER": self.cluster, "TOKENIZERS_PARALLELISM": "false"})
+        env.update({"PYTHONUNBUFFERED": "1", "MOE_CLUSTER": self.cluster, "TOKENIZERS_PARALLELISM": "false",
+                    "MOE_REDIS_PASSWORD": self.redis_password})
         if "OMP_NUM_THREADS" not in env:
             env["OMP_NUM_THREADS"] = str(self.torch_threads)
         pythonpath = [str(REPO_ROOT), str(REPO_ROOT / "protos")]
@@ -291,6 +306,8 @@ class LocalCluster:
         proc = self.processes[name]
         if proc.running():
             return proc
+        if proc.kind == "redis":
+            self._write_redis_config()
         if proc.ucx_port and proc.current_pid() is not None:
             proc.ucx_port = free_ports(1)[0]
             at = proc.cmd.index("--ucx-port") + 1
@@ -330,7 +347,7 @@ class LocalCluster:
                             f"{proc.label} ({name}) exited with status {status} before serving; "
                             f"last lines of {proc.log_path}:\n{log_tail(proc.log_path)}")
                     if name == "redis":
-                        state = "SERVING" if redis_ping(proc.port) else "UNREACHABLE"
+                        state = "SERVING" if redis_ping(proc.port, self.redis_password) else "UNREACHABLE"
                     else:
                         state = health_status(proc.endpoint, timeout=0.3, channel=channels[name])
                     last[name] = state

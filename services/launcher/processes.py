@@ -116,10 +116,10 @@ def health_status(endpoint: str, timeout: float = 0.5, channel: grpc.Channel | N
             channel.close()
 
 
-def redis_ping(port: int) -> bool:
+def redis_ping(port: int, password: str | None = None) -> bool:
     import redis
 
-    client = redis.Redis(host=HOST, port=port, socket_connect_timeout=0.3, socket_timeout=0.3)
+    client = redis.Redis(host=HOST, port=port, password=password, socket_connect_timeout=0.3, socket_timeout=0.3)
     try:
         return bool(client.ping())
     except redis.RedisError:
