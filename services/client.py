@@ -18,6 +18,7 @@ event code) and the server's message. Needs only grpcio and the generated protos
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -175,12 +176,21 @@ class _Stream:
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
 
 
+def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """The call metadata carrying `api_key` (MOE_API_KEY when None); empty without a key."""
+    key = api_key if api_key is not None else os.environ.get("MOE_API_KEY")
+    return (("authorization", f"Bearer {key}"),) if key else ()
+
+
 class Client:
     """Generate through a gateway (or any moe.v1.Inference endpoint)."""
 
-    def __init__(self, endpoint: str, timeout: float | None = 600.0) -> None:
+    def __init__(self, endpoint: str, timeout: float | None = 600.0, api_key: str | None = None) -> None:
+        """api_key: sent as `authorization: Bearer <key>` on every call (a gateway started with
+        --api-key-file requires it); MOE_API_KEY when None."""
         self.endpoint = endpoint
         self.timeout = timeout
+        self._metadata = auth_metadata(api_key)
         self._channel = grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
 
@@ -196,7 +206,8 @@ class Client:
                                        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                        stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
                                        request_id=request_id or uuid.uuid4().hex))
-        call = self._stub.Generate(stream.request, timeout=timeout if timeout is not None else self.timeout)
+        call = self._stub.Generate(stream.request, timeout=timeout if timeout is not None else self.timeout,
+                                   metadata=self._metadata)
         try:
             for message in call:
                 item = stream.read(message)
@@ -219,7 +230,7 @@ class Client:
 
     def load(self, timeout: float = 2.0) -> inference_pb2.WorkerLoad:
         try:
-            return self._stub.GetLoad(inference_pb2.GetLoadRequest(), timeout=timeout)
+            return self._stub.GetLoad(inference_pb2.GetLoadRequest(), timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise ClientError.from_rpc_error(err) from None
 
@@ -242,9 +253,10 @@ class AsyncClient:
     channels made on a later loop after that one closed work but log "Event loop is closed".
     """
 
-    def __init__(self, endpoint: str, timeout: float | None = 600.0) -> None:
+    def __init__(self, endpoint: str, timeout: float | None = 600.0, api_key: str | None = None) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
+        self._metadata = auth_metadata(api_key)
         self._channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
 
@@ -261,7 +273,8 @@ class AsyncClient:
                                        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                        stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
                                        request_id=request_id or uuid.uuid4().hex))
-        call = self._stub.Generate(stream.request, timeout=timeout if timeout is not None else self.timeout)
+        call = self._stub.Generate(stream.request, timeout=timeout if timeout is not None else self.timeout,
+                                   metadata=self._metadata)
         try:
             async for message in call:
                 item = stream.read(message)
@@ -289,7 +302,7 @@ class AsyncClient:
 
     async def load(self, timeout: float = 2.0) -> inference_pb2.WorkerLoad:
         try:
-            return await self._stub.GetLoad(inference_pb2.GetLoadRequest(), timeout=timeout)
+            return await self._stub.GetLoad(inference_pb2.GetLoadRequest(), timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise ClientError.from_rpc_error(err) from None
 

@@ -16,6 +16,7 @@ from moe.v1 import inference_pb2, inference_pb2_grpc
 from services.client import Client
 from services.common.server import Service
 from services.gateway.__main__ import SERVICE_NAME
+from services.gateway.api_keys import ApiKeyInterceptor
 from services.gateway.balancer import WorkerInfo
 from services.gateway.servicer import GatewayServicer
 from services.gateway.sessions import DEFAULT_MAX_UNREAD
@@ -146,11 +147,12 @@ def serve(servicer):
 
 @pytest.fixture
 def gateway():
-    """make(*fakes, max_streams=16, max_unread=...) -> (client, upstreams): sync fake workers, and the gateway
-    served as in production (grpc.aio Service on a free loopback port); no Redis."""
+    """make(*fakes, max_streams=16, max_unread=..., api_keys=None) -> (client, upstreams): sync fake
+    workers, and the gateway served as in production (grpc.aio Service on a free loopback port,
+    requiring one of `api_keys` when given; the client sends none); no Redis."""
     servers, made, services = [], [], []
 
-    def make(*fakes, max_streams=16, max_unread=DEFAULT_MAX_UNREAD):
+    def make(*fakes, max_streams=16, max_unread=DEFAULT_MAX_UNREAD, api_keys=None):
         workers = []
         for i, fake in enumerate(fakes):
             server, endpoint = serve(fake)
@@ -159,11 +161,12 @@ def gateway():
         upstreams = Upstreams(None, None, max_unread=max_unread)
         upstreams.set_workers(workers)
         args = argparse.Namespace(host="127.0.0.1", port=0, metrics_port=0)
-        service = Service("gateway", args, [SERVICE_NAME], grace_s=1.0, asynchronous=True)
+        interceptors = [ApiKeyInterceptor(api_keys)] if api_keys else []
+        service = Service("gateway", args, [SERVICE_NAME], grace_s=1.0, interceptors=interceptors, asynchronous=True)
         inference_pb2_grpc.add_InferenceServicer_to_server(GatewayServicer(upstreams, max_streams=max_streams),
                                                            service.server)
         services.append(service)
-        client = Client(f"127.0.0.1:{service.start()}", timeout=10)
+        client = Client(f"127.0.0.1:{service.start()}", timeout=10, api_key="")
         made.append((client, upstreams))
         return client, upstreams
 

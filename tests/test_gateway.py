@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from concurrent import futures
 
@@ -12,7 +14,8 @@ from prometheus_client import REGISTRY
 
 from fake_workers import FakeWorker
 from moe.v1 import inference_pb2_grpc
-from services.client import ClientError, build_request
+from services.client import Client, ClientError, build_request
+from services.gateway.api_keys import REFUSAL, ApiKeyError, bearer_key, key_matches, read_keys
 from services.gateway.balancer import Balancer, WorkerInfo
 from support import wait_until
 
@@ -269,3 +272,57 @@ def test_a_worker_that_cannot_be_reached_is_retried_on_another(gateway):
         assert client.generate(prompt_ids=[1], max_new_tokens=2).tokens == [10, 11]
     assert fake.calls == 3 and fake.opens == 1
     assert (REGISTRY.get_sample_value("moe_gateway_retries_total") or 0.0) >= retries + 1
+
+
+# ---- API keys -----------------------------------------------------------------------------
+
+def test_with_api_keys_only_a_known_bearer_key_gets_through_and_every_refusal_reads_the_same(gateway):
+    fake = FakeWorker(tokens=2)
+    client, _ = gateway(fake, api_keys=[b"first-key", b"second-key"])
+    refusals = []
+    for key in (None, "", "wrong-key", "first-ke", "first-key-and-more"):
+        caller = Client(client.endpoint, timeout=10, api_key=key or "")
+        with pytest.raises(ClientError) as info:
+            caller.generate(prompt_ids=[1], max_new_tokens=2)
+        refusals.append((info.value.code, info.value.message))
+        with pytest.raises(ClientError):
+            caller.load()
+        caller.close()
+    assert set(refusals) == {("UNAUTHENTICATED", REFUSAL)}
+    assert fake.calls == 0  # nothing reached a worker
+    for key in ("first-key", "second-key"):
+        with Client(client.endpoint, timeout=10, api_key=key) as caller:
+            assert caller.generate(prompt_ids=[1], max_new_tokens=2).tokens == [10, 11]
+    assert fake.calls == 2
+
+
+def test_with_api_keys_health_checks_need_no_key(gateway):
+    client, _ = gateway(FakeWorker(), api_keys=[b"k"])
+    with grpc.insecure_channel(client.endpoint) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_bearer_header_is_read_exactly_and_the_key_file_refuses_to_be_empty(tmp_path):
+    assert bearer_key([("authorization", "Bearer abc")]) == b"abc"
+    assert bearer_key([("authorization", "bearer  abc ")]) == b"abc"
+    assert bearer_key([("authorization", "Basic abc")]) is None
+    assert bearer_key([("authorization", "Bearer ")]) is None
+    assert bearer_key([("x-other", "Bearer abc")]) is None
+    assert not key_matches(None, [b"abc"]) and not key_matches(b"", [b"abc"]) and key_matches(b"abc", [b"x", b"abc"])
+    keys = tmp_path / "keys"
+    keys.write_text("# operators\n\nalpha\n  beta  \n")
+    assert read_keys(keys) == [b"alpha", b"beta"]
+    keys.write_text("# nothing but a comment\n\n")
+    with pytest.raises(ApiKeyError, match="holds no key"):
+        read_keys(keys)
+    with pytest.raises(ApiKeyError, match="cannot read the API key file"):
+        read_keys(tmp_path / "missing")
+
+
+def test_a_gateway_given_an_unusable_key_file_stops_in_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "services.gateway", "--api-key-file", str(tmp_path / "missing"),
+                           "--redis-url", "redis://127.0.0.1:1/0", "--port", "0", "--metrics-port", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.startswith("gateway: cannot read the API key file") and done.stderr.count("\n") == 1

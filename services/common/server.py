@@ -63,11 +63,12 @@ def build_server(max_workers: int = 16, interceptors: Sequence[grpc.ServerInterc
     )
 
 
-def build_async_server() -> grpc.aio.Server:
-    """A grpc.aio server with the error interceptor; call it on the loop that will run it. It
+def build_async_server(interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
+    """A grpc.aio server with `interceptors` (an API-key check refuses a call before anything else
+    runs), then the error interceptor; call it on the loop that will run it. It
     serves any number of calls at once: a servicer caps its own streams (health checks and load
     polls must still be answered when the streams are at their cap)."""
-    return grpc.aio.server(interceptors=[AsyncErrorInterceptor()], options=SERVER_OPTIONS)
+    return grpc.aio.server(interceptors=[*interceptors, AsyncErrorInterceptor()], options=SERVER_OPTIONS)
 
 
 class Service:
@@ -85,11 +86,9 @@ class Service:
         self.grace_s = grace_s
         self.loop: asyncio.AbstractEventLoop | None = None
         if asynchronous:
-            if interceptors:
-                raise ValueError("an asynchronous Service takes no extra interceptors")
             self.loop = asyncio.new_event_loop()
             threading.Thread(target=self.loop.run_forever, name=f"{name}-aio", daemon=True).start()
-            self.server, self.health = self.run_in_loop(self._build_async())
+            self.server, self.health = self.run_in_loop(self._build_async(interceptors))
         else:
             self.server = build_server(max_workers, interceptors)
             self.health = health.HealthServicer(experimental_non_blocking=True)
@@ -101,8 +100,9 @@ class Service:
         self._lock = threading.Lock()
 
     @staticmethod
-    async def _build_async() -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-        return build_async_server(), health.aio.HealthServicer()
+    async def _build_async(
+            interceptors: Sequence[grpc.aio.ServerInterceptor]) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+        return build_async_server(interceptors), health.aio.HealthServicer()
 
     def run_in_loop(self, coroutine: Awaitable[T]) -> T:
         """Run a coroutine on the server's event loop and wait for its result."""

@@ -16,6 +16,7 @@ from services.common import redis_store, settings
 from services.common.logging import configure_logging, event, get_logger
 from services.common.redis_store import Keys, ReplicaRecord
 from services.common.server import Service
+from services.gateway.api_keys import ApiKeyError, ApiKeyInterceptor, read_keys
 from services.gateway.servicer import GatewayServicer
 from services.gateway.sessions import DEFAULT_MAX_UNREAD
 from services.gateway.upstreams import Upstreams
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="messages a stream may leave unread by a slow client; past it the request is "
                              f"stopped and ends RESOURCE_EXHAUSTED [MOE_MAX_UNREAD, {DEFAULT_MAX_UNREAD}]")
     parser.add_argument("--grace", type=float, default=10.0, help="shutdown grace period, seconds [10]")
+    parser.add_argument("--api-key-file", default=settings.env("MOE_API_KEY_FILE"),
+                        help="require 'authorization: Bearer <key>' with one of this file's keys (one per line) "
+                             "on every Generate and GetLoad call; health checks stay open [MOE_API_KEY_FILE, off]")
     return parser
 
 
@@ -46,10 +50,17 @@ def main(argv: list[str] | None = None) -> int:
         if value < 1:
             print(f"gateway: {flag} must be >= 1, got {value}", file=sys.stderr)
             return 2
+    interceptors = []
+    if args.api_key_file:
+        try:
+            interceptors.append(ApiKeyInterceptor(read_keys(args.api_key_file)))
+        except ApiKeyError as err:
+            print(f"gateway: {err}", file=sys.stderr)
+            return 2
     client = redis_store.connect(args.redis_url, settings.redis_password())
     keys = Keys(args.cluster)
 
-    service = Service("gateway", args, [SERVICE_NAME], grace_s=args.grace, asynchronous=True)
+    service = Service("gateway", args, [SERVICE_NAME], grace_s=args.grace, interceptors=interceptors, asynchronous=True)
     ready = {"seen": False}
 
     def on_workers(count: int) -> None:
@@ -73,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         service.set_serving(True)
     registry = redis_store.Registry(client, keys, ReplicaRecord(
         kind="gateway", id=servicer.replica_id, endpoints={"grpc": f"{host}:{port}"})).start()
-    event(log, "gateway ready", cluster=args.cluster, workers=len(upstreams.balancer.registered()))
+    event(log, "gateway ready", cluster=args.cluster, workers=len(upstreams.balancer.registered()),
+          api_keys="required" if interceptors else "off")
 
     def stop_accepting() -> None:
         servicer.accepting = False
