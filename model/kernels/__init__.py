@@ -38,9 +38,10 @@ def expert_compute(bank: ExpertBank, device: torch.device | str) -> ExpertComput
 
 
 def install(model: nn.Module, device: torch.device | str) -> None:
-    """Choose every kernel of a loaded model (or a single `ExpertBank`) for `device`. On CUDA the
-    shared experts join the routed ones in their bank first, so one grouped GEMM per projection
-    serves both (`MoE.absorb_shared_into_experts`)."""
+    """Choose every kernel of a loaded model (or a single `ExpertBank`) for `device`; a model
+    moved to another device afterwards needs another call. On CUDA the shared experts join the
+    routed ones in their bank first, so one grouped GEMM per projection serves both
+    (`MoE.absorb_shared_into_experts`)."""
     if torch.device(device).type == "cuda":
         for module in model.modules():
             if isinstance(module, MoE):
@@ -48,5 +49,4 @@ def install(model: nn.Module, device: torch.device | str) -> None:
     for module in model.modules():
         if isinstance(module, ExpertBank):
             module.compute = expert_compute(module, device)
-    if torch.device(device).type == "cpu":
-        cpu.install(model)
+    cpu.install(model, on_cpu=torch.device(device).type == "cpu")

@@ -176,8 +176,6 @@ class PackedLMHead(LMHead):
     _packed_key: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":  # a model moved off the CPU after loading
-            return super().forward(x)
         w = self.weight
         key = (w.data_ptr(), w._version, w.dtype)
         if self._packed_key != key:
@@ -186,12 +184,13 @@ class PackedLMHead(LMHead):
         return torch.ops.mkldnn._linear_pointwise(x.float(), self._packed, None, "none", [], "")
 
 
-def install(model: nn.Module) -> None:
-    """Eager CPU compute for a loaded model: the prepacked head (where oneDNN is built in)."""
-    if torch.backends.mkldnn.is_available():
-        for module in model.modules():
-            if type(module) is LMHead:
-                module.__class__ = PackedLMHead
+def install(model: nn.Module, on_cpu: bool) -> None:
+    """The LM head for the model's device: prepacked on CPU (where oneDNN is built in), plain
+    elsewhere, so that installing again after a move undoes an earlier choice."""
+    packed = on_cpu and torch.backends.mkldnn.is_available()
+    for module in model.modules():
+        if type(module) in (LMHead, PackedLMHead):
+            module.__class__ = PackedLMHead if packed else LMHead
 
 
 @contextlib.contextmanager
